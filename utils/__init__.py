@@ -1,0 +1,1 @@
+"""Shared library of the backdoor toolkit: data, triggers, training, records, purification."""

@@ -1,0 +1,143 @@
+"""Configuration: option schemas, YAML loading and the precedence flag > attack YAML > prototype YAML.
+
+An entry point declares its options once as a list of `Option`s. From that list come the argparse
+flags (every YAML key has a flag), the YAML validation (an unknown key is an error that lists the
+valid ones; a value of the wrong type is an error naming the key) and the resolved dictionary that
+is saved beside every result.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_optional_float(text: Any) -> float | None:
+    if text is None or str(text).strip().lower() in ("none", "null", ""):
+        return None
+    return float(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key; `kind` converts a YAML value or a flag's text."""
+
+    name: str
+    kind: Callable[[Any], Any]
+    default: Any
+    help: str
+    choices: Sequence[Any] | None = None
+    yaml: bool = True  # False for flags that only make sense on the command line
+
+    def convert(self, value: Any, source: str) -> Any:
+        if value is None and self.default is None:
+            return None
+        try:
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if self.kind is int and isinstance(value, bool):
+                raise ValueError
+            out = self.kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: {self.name} must be {_kind_name(self.kind)}, got {value!r}") from None
+        if self.choices is not None and out not in self.choices:
+            raise UserError(f"{source}: {self.name} must be one of {', '.join(map(str, self.choices))}; got {out!r}")
+        return out
+
+
+def _kind_name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string", parse_bool: "true or false",
+            parse_optional_float: "a number or none"}.get(kind, kind.__name__)
+
+
+def resolve_path(given: str | Path, script_dir: Path | None = None, what: str = "file") -> Path:
+    """Find a path as given (relative to the working directory), else relative to the entry
+    script's folder (the original code's `../config/...`), else to the repository root."""
+    given = Path(given)
+    candidates = [given]
+    if not given.is_absolute():
+        if script_dir is not None:
+            candidates.append(script_dir / given)
+        candidates.append(REPO_ROOT / given)
+        # `../config/x.yaml` from the repository root means `config/x.yaml`
+        parts = given.parts
+        if parts and parts[0] == "..":
+            candidates.append(REPO_ROOT / Path(*parts[1:]))
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise UserError(f"{what} {str(given)!r} not found (looked in: {', '.join(str(c) for c in _unique(candidates))})")
+
+
+def _unique(paths):
+    seen, out = set(), []
+    for p in paths:
+        key = str(p.resolve()) if p.is_absolute() or p.exists() else str(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def load_yaml(path: Path, options: Sequence[Option]) -> dict[str, Any]:
+    """Read a YAML mapping and check every key against the schema."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    valid = {o.name: o for o in options if o.yaml}
+    unknown = sorted(set(map(str, data)) - set(valid))
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    return {k: valid[k].convert(v, str(path)) for k, v in data.items()}
+
+
+def build_parser(options: Sequence[Option], description: str, yaml_flags: Sequence[tuple[str, str, str]] = ()) -> argparse.ArgumentParser:
+    """Flags for every option, defaulting to 'not given' so that YAML values are not shadowed."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for flag, default, help_text in yaml_flags:
+        parser.add_argument(f"--{flag}", default=default, help=help_text)
+    for opt in options:
+        extra = f" (default: {opt.default})" if opt.default is not None else ""
+        choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+        parser.add_argument(f"--{opt.name}", type=str, metavar=opt.name.upper(), help=opt.help + choices + extra)
+    return parser
+
+
+def resolve(options: Sequence[Option], layers: Sequence[tuple[str, dict[str, Any]]], cli: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < each YAML layer in order < command-line flags; every value converted and checked."""
+    by_name = {o.name: o for o in options}
+    cfg = {o.name: o.default for o in options}
+    for _source, layer in layers:
+        cfg.update(layer)
+    for key, value in cli.items():
+        if key in by_name:
+            cfg[key] = by_name[key].convert(value, f"--{key}")
+    return cfg
+
+
+def dump_yaml(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
