@@ -1,0 +1,98 @@
+"""Attack registry: each attack declares its YAML/flag options, builds its trigger parameters once
+(tensors and plain values, stored in the record) and applies them to uint8 batches.
+
+Adding an attack = one `AttackSpec` here (or in a module that registers itself) + an entry script.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from utils import triggers
+from utils.config import Option
+from utils.datasets import DatasetInfo
+from utils.errors import UserError
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    options: list[Option]
+    #: (resolved config, dataset info) -> trigger parameters saved in the record
+    build: Callable[[dict, DatasetInfo], Params]
+    #: (uint8 images, params, train?) -> uint8 images; `train` selects train- vs test-time trigger
+    apply: Callable[[torch.Tensor, Params, bool], torch.Tensor]
+    clean_label: bool = False
+    description: str = ""
+
+
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    if spec.name in ATTACKS:
+        raise ValueError(f"attack {spec.name!r} registered twice")
+    ATTACKS[spec.name] = spec
+    return spec
+
+
+def get_attack(name: str) -> AttackSpec:
+    if name not in ATTACKS:
+        raise UserError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]
+
+
+def make_trigger(spec: AttackSpec, params: Params, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda images: spec.apply(images, params, train)
+
+
+# --- BadNet ---------------------------------------------------------------------------------
+
+def _badnet_build(cfg: dict, info: DatasetInfo) -> Params:
+    pattern, mask = triggers.badnet_trigger(cfg["patch"], info.channels, info.image_size, cfg["patch_size"])
+    return {"pattern": pattern, "mask": mask}
+
+
+def _badnet_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tensor:
+    return triggers.apply_badnet(images, params["pattern"], params["mask"])
+
+
+register_attack(AttackSpec(
+    name="badnet",
+    options=[
+        Option("patch", str, "square", "BadNet trigger shape", choices=triggers.BADNET_PATTERNS),
+        Option("patch_size", int, 3, "trigger side in pixels at 32 px (scaled with the image)"),
+    ],
+    build=_badnet_build, apply=_badnet_apply,
+    description="3x3 white square (or checkerboard grid) pasted in the bottom-right corner",
+))
+
+
+# --- Blended --------------------------------------------------------------------------------
+
+def _blended_build(cfg: dict, info: DatasetInfo) -> Params:
+    for key in ("blend_alpha", "blend_alpha_test"):
+        if not 0.0 <= cfg[key] <= 1.0:
+            raise UserError(f"{key} must be within [0, 1], got {cfg[key]}")
+    key_image = triggers.blend_key(info.channels, info.image_size, cfg["trigger_path"] or None)
+    return {"key": key_image, "alpha": float(cfg["blend_alpha"]), "alpha_test": float(cfg["blend_alpha_test"])}
+
+
+def _blended_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tensor:
+    return triggers.apply_blend(images, params["key"], params["alpha"] if train else params["alpha_test"])
+
+
+register_attack(AttackSpec(
+    name="blended",
+    options=[
+        Option("blend_alpha", float, 0.2, "blend weight of the trigger image in poisoned training images"),
+        Option("blend_alpha_test", float, 0.2, "blend weight at test time"),
+        Option("trigger_path", str, "", "trigger image file (empty: a fixed-seed noise image)"),
+    ],
+    build=_blended_build, apply=_blended_apply,
+    description="x' = (1-a) x + a K with a fixed full-size image K",
+))

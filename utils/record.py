@@ -1,0 +1,204 @@
+"""Records on disk: paths, atomic writes, and loading that never unpickles arbitrary objects.
+
+Layout (REFERENCE §7): `record/{dataset}/{attack}/pratio_{pratio}-target_{target}-archi_{model}/`
+with `attack_result.pt` (tensors and plain values only, loadable with `weights_only=True`),
+`config.yaml`, `metrics.csv`, `summary.json`, and purification results under `defense/{mode}/`.
+Nothing inside a record holds an absolute path, so a record folder can be moved or shared.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from utils.errors import UserError
+
+RECORD_FILE = "attack_result.pt"
+FORMAT = "fst-toolkit-record"
+FORMAT_VERSION = 1
+
+
+def format_pratio(pratio: float) -> str:
+    """As Python prints the float: 0.1, 0.01, 0.005, 0.0."""
+    return str(float(pratio))
+
+
+def record_name(pratio: float, target: int, model: str) -> str:
+    return f"pratio_{format_pratio(pratio)}-target_{target}-archi_{model}"
+
+
+def record_path(root: str | Path, dataset: str, attack: str, pratio: float, target: int, model: str) -> Path:
+    return Path(root) / dataset / attack / record_name(pratio, target, model)
+
+
+def existing_records(root: str | Path) -> list[str]:
+    """Relative paths of every record folder under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(str(p.parent.relative_to(root)) for p in root.glob(f"*/*/*/{RECORD_FILE}"))
+
+
+# --- atomic writes --------------------------------------------------------------------------
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(Path(path), lambda fh: fh.write(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    buf = io.StringIO()
+    if rows:
+        fields = list(rows[0])
+        for row in rows[1:]:
+            fields += [k for k in row if k not in fields]
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k, "")) for k in fields})
+    write_text(path, buf.getvalue())
+
+
+def _csv_value(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
+
+
+# --- state dicts ----------------------------------------------------------------------------
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies, without the `module.` (DataParallel) and `_orig_mod.` (torch.compile) prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value.detach().cpu().clone()
+    return out
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str) -> None:
+    try:
+        model.load_state_dict(clean_state_dict(state))
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise UserError(f"{source}: the weights do not fit this model ({first})") from None
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def load_torch_file(path: Path, what: str) -> Any:
+    """`torch.load(weights_only=True)`, with every kind of damage turned into one clear line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+            AttributeError, TypeError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{what} {path} is corrupt or truncated ({type(err).__name__}: {first}); "
+                        "re-run the attack with --overwrite true to rebuild it") from None
+
+
+REQUIRED_KEYS = ("format", "version", "model_name", "num_classes", "in_channels", "image_size", "dataset",
+                 "attack", "attack_target", "attack_label_trans", "pratio", "poison_indices", "trigger", "model")
+
+
+def load_record(folder: Path) -> dict[str, Any]:
+    """Load and validate `attack_result.pt` from a record folder."""
+    folder = Path(folder)
+    path = folder / RECORD_FILE
+    if not path.is_file():
+        raise UserError(f"no record at {path}")
+    data = load_torch_file(path, "record file")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path} is not a record written by this toolkit (no '{FORMAT}' marker)")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; re-run the attack with --overwrite true")
+    if data["version"] > FORMAT_VERSION:
+        raise UserError(f"{path} has record format {data['version']}; this toolkit reads up to {FORMAT_VERSION}")
+    return data
+
+
+def find_record(root: str | Path, dataset: str, attack: str, pratio: float, target: int, model: str) -> Path:
+    """The record folder for these settings, or a UserError saying what was looked for and what exists."""
+    folder = record_path(root, dataset, attack, pratio, target, model)
+    if (folder / RECORD_FILE).is_file():
+        return folder
+    have = existing_records(root)
+    listing = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "") if have else "none"
+    raise UserError(f"no record at {folder}/{RECORD_FILE} (from --dataset {dataset} --attack {attack} "
+                    f"--pratio {pratio} --attack_target {target} --model {model}); records under {root}: {listing}")
+
+
+class StagedFolder:
+    """Build a result folder next to its final place and move it in only when complete, so a crash
+    leaves no half-written record that looks whole and `--overwrite` replaces the old one only at
+    the end. Without `overwrite`, an existing folder is an error raised before any work starts."""
+
+    def __init__(self, final: Path, overwrite: bool, what: str, marker: str):
+        self.final = Path(final)
+        self.what = what
+        if (self.final / marker).exists() and not overwrite:
+            raise UserError(f"{what} {self.final} already exists; pass --overwrite true to replace it")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+
+    def commit(self) -> None:
+        """Swap the staged folder in; an old folder (with everything in it) goes only now."""
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            os.replace(self.final, old)
+        os.replace(self.stage, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.stage, ignore_errors=True)

@@ -1,0 +1,284 @@
+"""The shared driver behind every attack entry script: config -> data -> poisoning -> training ->
+record. Also rebuilds a record's poisoned sets for purification."""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import models
+from utils import attacks, engine
+from utils.config import Option, build_parser, dump_yaml, load_yaml, parse_bool, resolve, resolve_path, REPO_ROOT
+from utils.datasets import DATASETS, DatasetInfo, ImageSet, dataset_info, load_dataset
+from utils.errors import UserError
+from utils.poison import (LABEL_TRANS, BackdoorTestSet, PoisonedTrainSet, backdoor_test_set, check_pratio,
+                          choose_poison_indices, poison_train_set)
+from utils.record import (FORMAT, FORMAT_VERSION, RECORD_FILE, StagedFolder, clean_state_dict, record_path,
+                          save_torch, write_csv, write_json, write_text)
+
+COMMON_OPTIONS: list[Option] = [
+    Option("dataset", str, "cifar10", "dataset name", choices=tuple(DATASETS)),
+    Option("dataset_path", str, "data", "folder holding the datasets"),
+    Option("download", parse_bool, False, "download the dataset with torchvision when missing (needs internet)"),
+    Option("model", str, "resnet18", "architecture from the model registry"),
+    Option("pretrained", parse_bool, False, "start from ImageNet weights (swin_t only)"),
+    Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)"),
+    Option("epochs", int, 100, "training epochs"),
+    Option("batch_size", int, 128, "training batch size"),
+    Option("lr", float, 0.1, "initial learning rate"),
+    Option("sgd_momentum", float, 0.9, "SGD momentum"),
+    Option("wd", float, 5e-4, "weight decay"),
+    Option("lr_scheduler", str, "cosine", "learning-rate schedule over the run's own epochs", choices=("cosine", "none")),
+    Option("random_seed", int, 0, "seed for data selection, poisoning, initialisation and batch order"),
+    Option("device", str, "cuda:0", "cuda:N, cpu or auto; CUDA missing falls back to the CPU with a warning"),
+    Option("amp", str, "auto", "mixed precision", choices=("auto", "bf16", "fp16", "none")),
+    Option("pratio", float, 0.1, "poisoning ratio in [0, 1]; 0 trains a clean model"),
+    Option("attack_target", int, 0, "target label"),
+    Option("attack_label_trans", str, "all2one", "all2one: every poisoned label -> target; all2all: y -> y+1 mod C",
+           choices=LABEL_TRANS),
+    Option("train_subset", int, 0, "train on this many seeded-random training images (0: all)"),
+    Option("test_subset", int, 0, "evaluate on this many seeded-random test images (0: all)"),
+    Option("eval_batch_size", int, 1024, "batch size for evaluation"),
+    Option("record_root", str, "record", "folder that holds the records"),
+    Option("overwrite", parse_bool, False, "replace an existing record", yaml=False),
+    Option("progress", parse_bool, True, "show progress bars"),
+]
+
+
+def attack_options(spec: attacks.AttackSpec) -> list[Option]:
+    return COMMON_OPTIONS + spec.options
+
+
+def parse_attack_config(attack: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Defaults < prototype YAML (`--yaml_path`) < attack YAML (`--bd_yaml_path`) < flags."""
+    spec = attacks.get_attack(attack)
+    options = attack_options(spec)
+    script_dir = REPO_ROOT / "attack"
+    parser = build_parser(options, f"Train a {attack} backdoored model and write a record.", [
+        ("yaml_path", "../config/attack/prototype/cifar10.yaml", "prototype YAML: dataset and training recipe"),
+        ("bd_yaml_path", f"../config/attack/{attack}/default.yaml", "attack YAML: trigger parameters"),
+    ])
+    args = vars(parser.parse_args(argv))
+    proto_path = resolve_path(args.pop("yaml_path"), script_dir, "prototype YAML")
+    attack_path = resolve_path(args.pop("bd_yaml_path"), script_dir, "attack YAML")
+    layers = [(str(proto_path), load_yaml(proto_path, options)), (str(attack_path), load_yaml(attack_path, options))]
+    cfg = resolve(options, layers, args)
+    cfg["attack"] = attack
+    cfg["yaml_path"] = _display_path(proto_path)
+    cfg["bd_yaml_path"] = _display_path(attack_path)
+    return cfg
+
+
+def _display_path(path: Path) -> str:
+    """Repository-relative when possible, so records hold no absolute paths."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path.name
+
+
+def validate_config(cfg: dict[str, Any]) -> DatasetInfo:
+    info = dataset_info(cfg["dataset"])
+    check_pratio(cfg["pratio"])
+    if cfg["model"] not in models.model_names():
+        raise UserError(f"unknown model {cfg['model']!r}; choose one of: {', '.join(models.model_names())}")
+    if not 0 <= cfg["attack_target"] < info.num_classes:
+        raise UserError(f"attack_target {cfg['attack_target']} is not a class of {info.name} (0..{info.num_classes - 1})")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if cfg[key] < 1 and not (key == "epochs" and cfg[key] == 0):
+            raise UserError(f"{key} must be positive, got {cfg[key]}")
+    for key in ("train_subset", "test_subset", "input_size"):
+        if cfg[key] < 0:
+            raise UserError(f"{key} must be 0 or positive, got {cfg[key]}")
+    if cfg["lr"] <= 0:
+        raise UserError(f"lr must be positive, got {cfg['lr']}")
+    if cfg["pretrained"] and cfg["model"] != "swin_t":
+        raise UserError(f"pretrained weights are offered for swin_t only, not {cfg['model']}")
+    return info
+
+
+def subset_indices(n: int, k: int, seed: int) -> torch.Tensor | None:
+    """`k` seeded-random indices out of `n` (sorted), or None for 'all'."""
+    if k <= 0 or k >= n:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def take(data: ImageSet, indices: torch.Tensor | None) -> ImageSet:
+    return data if indices is None else ImageSet(data.images[indices], data.labels[indices])
+
+
+def build_model_for(name: str, info: DatasetInfo, input_size: int, pretrained: bool = False) -> models.BackdoorNet:
+    model = models.build_model(name, info.num_classes, info.channels, input_size)
+    if pretrained:
+        model.load_imagenet_trunk()
+    return model
+
+
+@dataclass
+class Experiment:
+    """Everything needed to train or evaluate one backdoor setting, already on the device."""
+
+    info: DatasetInfo
+    device: torch.device
+    pipeline: engine.Pipeline
+    train: PoisonedTrainSet
+    clean_test: ImageSet
+    bd_test: BackdoorTestSet
+    poison_indices: torch.Tensor
+    train_indices: torch.Tensor | None
+    test_indices: torch.Tensor | None
+    trigger_params: dict
+    clean_train: ImageSet  # the full clean training set, on the CPU (purification draws from it)
+
+
+def _to(data, device):
+    return type(data)(**{k: v.to(device) for k, v in vars(data).items()})
+
+
+def prepare_experiment(cfg: dict[str, Any], info: DatasetInfo, device: torch.device, trigger_params: dict | None = None,
+                       poison_indices: torch.Tensor | None = None, train_indices: torch.Tensor | None = None,
+                       test_indices: torch.Tensor | None = None, fresh: bool = True) -> Experiment:
+    """Load the data, choose (or take from a record) the poisoned indices and build the poisoned
+    training set and the backdoor test set, all as device tensors."""
+    spec = attacks.get_attack(cfg["attack"])
+    seed = cfg["random_seed"]
+    train_full = load_dataset(info.name, cfg["dataset_path"], train=True, download=cfg.get("download", False))
+    test_full = load_dataset(info.name, cfg["dataset_path"], train=False, download=cfg.get("download", False))
+    if fresh:
+        train_indices = subset_indices(len(train_full), cfg["train_subset"], engine.derive_seed(seed, "train-subset"))
+        test_indices = subset_indices(len(test_full), cfg["test_subset"], engine.derive_seed(seed, "test-subset"))
+    for name, idx, full in (("train", train_indices, train_full), ("test", test_indices, test_full)):
+        if idx is not None and len(idx) and int(idx.max()) >= len(full):
+            raise UserError(f"the {name} split on disk has {len(full)} images, fewer than the record expects")
+    train = take(train_full, train_indices)
+    test = take(test_full, test_indices)
+    if trigger_params is None:
+        trigger_params = spec.build(cfg, info)
+    if poison_indices is None:
+        poison_indices = choose_poison_indices(train.labels, cfg["pratio"], seed, cfg["attack_target"], spec.clean_label)
+    elif len(poison_indices) and int(poison_indices.max()) >= len(train):
+        raise UserError("the record's poisoned indices do not fit the training set on disk")
+    poisoned = poison_train_set(train.images, train.labels, poison_indices, attacks.make_trigger(spec, trigger_params, True),
+                                cfg["attack_target"], cfg["attack_label_trans"], info.num_classes, spec.clean_label)
+    bd_test = backdoor_test_set(test.images, test.labels, attacks.make_trigger(spec, trigger_params, False),
+                                cfg["attack_target"], cfg["attack_label_trans"], info.num_classes)
+    pipeline = engine.Pipeline.for_dataset(info, device, cfg.get("input_size") or None)
+    return Experiment(info, device, pipeline, _to(poisoned, device), _to(test, device), _to(bd_test, device),
+                      poison_indices, train_indices, test_indices, trigger_params, train_full)
+
+
+def evaluate_experiment(model, exp: Experiment, batch_size: int, amp) -> dict[str, float]:
+    return engine.backdoor_metrics(model, exp.pipeline, exp.clean_test.images, exp.clean_test.labels,
+                                   exp.bd_test.images, exp.bd_test.targets, exp.bd_test.true_labels, batch_size, amp)
+
+
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_attack(attack: str, argv: Sequence[str] | None = None) -> Path:
+    """Entry point of every attack script. Returns the record folder."""
+    cfg = parse_attack_config(attack, argv)
+    info = validate_config(cfg)
+    spec = attacks.get_attack(attack)
+    folder = record_path(cfg["record_root"], cfg["dataset"], attack, cfg["pratio"], cfg["attack_target"], cfg["model"])
+    staged = StagedFolder(folder, cfg["overwrite"], "record", RECORD_FILE)
+    try:
+        _train_and_record(cfg, info, spec, staged)
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
+    print(f"record written to {folder}")
+    return folder
+
+
+def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
+    engine.configure_threads()
+    device = engine.resolve_device(cfg["device"])
+    amp = engine.amp_dtype(cfg["amp"], device)
+    engine.seed_everything(cfg["random_seed"])
+    exp = prepare_experiment(cfg, info, device)
+    input_size = exp.pipeline.input_size
+    model = build_model_for(cfg["model"], info, input_size, cfg["pretrained"]).to(device)
+    if exp.pipeline.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"])
+    scheduler = engine.cosine_scheduler(optimizer, cfg["epochs"]) if cfg["lr_scheduler"] == "cosine" else None
+    gen = engine.make_generator(cfg["random_seed"], device, "train-order")
+    n_poison = int(exp.train.poison_mask.sum())
+    print(f"{spec.name} on {info.name}/{cfg['model']}: {len(exp.train.labels)} training images, {n_poison} poisoned "
+          f"(pratio {cfg['pratio']}), {len(exp.clean_test.labels)} clean / {len(exp.bd_test.targets)} backdoor test images, "
+          f"device {device_name(device)}, amp {amp}", flush=True)
+    rows = []
+    start = time.perf_counter()
+    epochs = range(1, cfg["epochs"] + 1)
+    bar = tqdm(epochs, desc="epochs", unit="ep", disable=not cfg["progress"], dynamic_ncols=True)
+    metrics = evaluate_experiment(model, exp, cfg["eval_batch_size"], amp) if cfg["epochs"] == 0 else {}
+    for epoch in bar:
+        lr = optimizer.param_groups[0]["lr"]
+        stats = engine.train_epoch(model, exp.train.images, exp.train.labels, exp.pipeline, optimizer,
+                                   cfg["batch_size"], gen, amp=amp, desc=f"epoch {epoch}", progress=cfg["progress"])
+        if scheduler is not None:
+            scheduler.step()
+        metrics = evaluate_experiment(model, exp, cfg["eval_batch_size"], amp)
+        row = {"epoch": epoch, "lr": lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"], **metrics,
+               "img_per_s": stats["img_per_s"]}
+        rows.append(row)
+        tqdm.write(f"epoch {epoch:3d}  lr {lr:.4g}  loss {stats['train_loss']:.4f}  train_acc {stats['train_acc']:.4f}  "
+                   f"C-Acc {metrics['clean_acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
+                   f"({stats['img_per_s']:.0f} img/s)", file=sys.stdout)
+        write_csv(staged.stage / "metrics.csv", rows)
+    seconds = time.perf_counter() - start
+    payload = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "model_name": cfg["model"], "num_classes": info.num_classes, "in_channels": info.channels,
+        "image_size": info.image_size, "input_size": input_size,
+        "dataset": info.name, "attack": spec.name, "clean_label": spec.clean_label,
+        "attack_target": cfg["attack_target"], "attack_label_trans": cfg["attack_label_trans"],
+        "pratio": cfg["pratio"], "random_seed": cfg["random_seed"],
+        "poison_indices": exp.poison_indices.cpu(),
+        "train_indices": exp.train_indices, "test_indices": exp.test_indices,
+        "trigger": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in exp.trigger_params.items()},
+        "model": clean_state_dict(model.state_dict()),
+    }
+    save_torch(staged.stage / RECORD_FILE, payload)
+    write_text(staged.stage / "config.yaml", dump_yaml(cfg))
+    write_csv(staged.stage / "metrics.csv", rows)
+    write_json(staged.stage / "summary.json", {
+        "clean_acc": metrics.get("clean_acc"), "asr": metrics.get("asr"), "ra": metrics.get("ra"),
+        "epochs": cfg["epochs"], "seconds": round(seconds, 2),
+        "train_img_per_s": round(sum(r["img_per_s"] for r in rows) / max(len(rows), 1), 1),
+        "poisoned": n_poison, "train_size": len(exp.train.labels),
+        "device": device_name(device), "amp": str(amp), "versions": versions(),
+    })
+
+
+def rebuild_experiment(record: dict[str, Any], dataset_path: str, device: torch.device, download: bool = False) -> Experiment:
+    """The poisoned training set and test sets of a record, rebuilt from the dataset on disk and the
+    trigger parameters stored in the record."""
+    info = dataset_info(record["dataset"])
+    if record["image_size"] != info.image_size or record["in_channels"] != info.channels:
+        raise UserError(f"record expects {record['in_channels']}x{record['image_size']} px images but dataset "
+                        f"{info.name} has {info.channels}x{info.image_size}")
+    cfg = {"attack": record["attack"], "random_seed": record["random_seed"], "dataset_path": dataset_path,
+           "download": download, "attack_target": record["attack_target"],
+           "attack_label_trans": record["attack_label_trans"], "pratio": record["pratio"],
+           "input_size": record.get("input_size") or 0}
+    return prepare_experiment(cfg, info, device, trigger_params=record["trigger"],
+                              poison_indices=record["poison_indices"], train_indices=record.get("train_indices"),
+                              test_indices=record.get("test_indices"), fresh=False)
