@@ -170,12 +170,13 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
                 optimizer: torch.optim.Optimizer, batch_size: int, gen: torch.Generator,
                 loss_fn: LossFn | None = None, after_step: Callable[[], None] | None = None,
                 amp: torch.dtype | None = None, desc: str = "train", augment: bool = True,
-                progress: bool = True) -> dict[str, float]:
+                progress: bool = True, set_train_mode: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
     """One pass over (images, labels) in shuffled batches. Loss and accuracy are accumulated on the
-    device and read once at the end, so the step itself never waits for the host."""
+    device and read once at the end, so the step itself never waits for the host.
+    `set_train_mode` replaces `model.train()` (purification uses it to keep frozen BatchNorm fixed)."""
     loss_fn = loss_fn or cross_entropy_loss()
     device = images.device
-    model.train()
+    (set_train_mode or nn.Module.train)(model)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -203,10 +204,19 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
             "seconds": seconds, "img_per_s": seen / max(seconds, 1e-9)}
 
 
+def eval_batch_size(requested: int, device: torch.device) -> int:
+    """0 means automatic: large batches on a GPU; on a CPU, 256 (larger ones fall out of cache and
+    measured slower here)."""
+    if requested > 0:
+        return requested
+    return 1024 if device.type == "cuda" else 256
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, pipeline: Pipeline, batch_size: int = 1024,
+def predict(model: nn.Module, images: torch.Tensor, pipeline: Pipeline, batch_size: int = 0,
             amp: torch.dtype | None = None) -> torch.Tensor:
     """Predicted labels for a uint8 image tensor, in eval mode, in large batches."""
+    batch_size = eval_batch_size(batch_size, images.device)
     was_training = model.training
     model.eval()
     out = []
@@ -220,7 +230,7 @@ def predict(model: nn.Module, images: torch.Tensor, pipeline: Pipeline, batch_si
 
 def backdoor_metrics(model: nn.Module, pipeline: Pipeline, clean_images: torch.Tensor, clean_labels: torch.Tensor,
                      bd_images: torch.Tensor, bd_targets: torch.Tensor, bd_true: torch.Tensor,
-                     batch_size: int = 1024, amp: torch.dtype | None = None) -> dict[str, float]:
+                     batch_size: int = 0, amp: torch.dtype | None = None) -> dict[str, float]:
     """C-Acc on the clean test set; ASR (prediction == backdoor label) and RA (prediction == true
     label) on the backdoor test set."""
     clean_pred = predict(model, clean_images, pipeline, batch_size, amp)

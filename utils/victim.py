@@ -44,7 +44,7 @@ COMMON_OPTIONS: list[Option] = [
            choices=LABEL_TRANS),
     Option("train_subset", int, 0, "train on this many seeded-random training images (0: all)"),
     Option("test_subset", int, 0, "evaluate on this many seeded-random test images (0: all)"),
-    Option("eval_batch_size", int, 1024, "batch size for evaluation"),
+    Option("eval_batch_size", int, 0, "batch size for evaluation (0: 1024 on GPU, 256 on CPU)"),
     Option("record_root", str, "record", "folder that holds the records"),
     Option("overwrite", parse_bool, False, "replace an existing record", yaml=False),
     Option("progress", parse_bool, True, "show progress bars"),
@@ -90,10 +90,10 @@ def validate_config(cfg: dict[str, Any]) -> DatasetInfo:
         raise UserError(f"unknown model {cfg['model']!r}; choose one of: {', '.join(models.model_names())}")
     if not 0 <= cfg["attack_target"] < info.num_classes:
         raise UserError(f"attack_target {cfg['attack_target']} is not a class of {info.name} (0..{info.num_classes - 1})")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if cfg[key] < 1 and not (key == "epochs" and cfg[key] == 0):
+    for key in ("epochs", "batch_size"):
+        if cfg[key] < 1:
             raise UserError(f"{key} must be positive, got {cfg[key]}")
-    for key in ("train_subset", "test_subset", "input_size"):
+    for key in ("train_subset", "test_subset", "input_size", "eval_batch_size"):
         if cfg[key] < 0:
             raise UserError(f"{key} must be 0 or positive, got {cfg[key]}")
     if cfg["lr"] <= 0:
@@ -228,7 +228,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     start = time.perf_counter()
     epochs = range(1, cfg["epochs"] + 1)
     bar = tqdm(epochs, desc="epochs", unit="ep", disable=not cfg["progress"], dynamic_ncols=True)
-    metrics = evaluate_experiment(model, exp, cfg["eval_batch_size"], amp) if cfg["epochs"] == 0 else {}
+    metrics = {}
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
         stats = engine.train_epoch(model, exp.train.images, exp.train.labels, exp.pipeline, optimizer,
