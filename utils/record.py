@@ -182,13 +182,18 @@ class StagedFolder:
     leaves no half-written record that looks whole and `--overwrite` replaces the old one only at
     the end. Without `overwrite`, an existing folder is an error raised before any work starts."""
 
-    def __init__(self, final: Path, overwrite: bool, what: str, marker: str):
+    def __init__(self, final: Path, overwrite: bool, what: str, marker: str, resumable: bool = False):
         self.final = Path(final)
         self.what = what
         if (self.final / marker).exists() and not overwrite:
             raise UserError(f"{what} {self.final} already exists; pass --overwrite true to replace it")
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        if resumable:
+            # a fixed name, so that a killed run finds its checkpoint again
+            self.stage = self.final.parent / f".{self.final.name}.partial"
+            self.stage.mkdir(exist_ok=True)
+        else:
+            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
 
     def commit(self) -> None:
         """Swap the staged folder in; an old folder (with everything in it) goes only now."""

@@ -19,7 +19,7 @@ from utils.datasets import DATASETS, DatasetInfo, ImageSet, dataset_info, load_d
 from utils.errors import UserError
 from utils.poison import (LABEL_TRANS, BackdoorTestSet, PoisonedTrainSet, backdoor_test_set, check_pratio,
                           choose_poison_indices, poison_train_set)
-from utils.record import (FORMAT, FORMAT_VERSION, RECORD_FILE, StagedFolder, clean_state_dict, record_path,
+from utils.record import (FORMAT, FORMAT_VERSION, RECORD_FILE, StagedFolder, clean_state_dict, load_torch_file, record_path,
                           save_torch, write_csv, write_json, write_text)
 
 COMMON_OPTIONS: list[Option] = [
@@ -196,15 +196,44 @@ def run_attack(attack: str, argv: Sequence[str] | None = None) -> Path:
     info = validate_config(cfg)
     spec = attacks.get_attack(attack)
     folder = record_path(cfg["record_root"], cfg["dataset"], attack, cfg["pratio"], cfg["attack_target"], cfg["model"])
-    staged = StagedFolder(folder, cfg["overwrite"], "record", RECORD_FILE)
+    staged = StagedFolder(folder, cfg["overwrite"], "record", RECORD_FILE, resumable=True)
     try:
         _train_and_record(cfg, info, spec, staged)
     except BaseException:
-        staged.abort()
+        if (staged.stage / CHECKPOINT).exists():
+            print(f"\nrun stopped; its last finished epoch is kept in {staged.stage}: "
+                  "run the same command again to resume", file=sys.stderr)
+        else:
+            staged.abort()
         raise
     staged.commit()
     print(f"record written to {folder}")
     return folder
+
+
+CHECKPOINT = "checkpoint.pt"
+#: settings that may change between a killed run and its resumption
+_RESUME_FREE_KEYS = ("overwrite", "progress", "device", "eval_batch_size")
+
+
+def _resume_key(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in _RESUME_FREE_KEYS}
+
+
+def _load_checkpoint(stage: Path, cfg: dict) -> dict | None:
+    """The checkpoint of an earlier, killed run of the same configuration, if any."""
+    path = stage / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        ckpt = load_torch_file(path, "checkpoint")
+    except UserError as err:
+        print(f"ignoring unreadable checkpoint: {err}", file=sys.stderr)
+        return None
+    if ckpt.get("config") != _resume_key(cfg):
+        print(f"ignoring {path}: it belongs to a run with other settings", file=sys.stderr)
+        return None
+    return ckpt
 
 
 def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
@@ -224,9 +253,19 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     print(f"{spec.name} on {info.name}/{cfg['model']}: {len(exp.train.labels)} training images, {n_poison} poisoned "
           f"(pratio {cfg['pratio']}), {len(exp.clean_test.labels)} clean / {len(exp.bd_test.targets)} backdoor test images, "
           f"device {device_name(device)}, amp {amp}", flush=True)
-    rows = []
-    start = time.perf_counter()
-    epochs = range(1, cfg["epochs"] + 1)
+    rows, first_epoch, spent = [], 1, 0.0
+    ckpt = _load_checkpoint(staged.stage, cfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        rows, first_epoch, spent = ckpt["rows"], ckpt["epoch"] + 1, ckpt["seconds"]
+        print(f"resuming after epoch {ckpt['epoch']} from {staged.stage / CHECKPOINT}", flush=True)
+    start = time.perf_counter() - spent
+    epochs = range(first_epoch, cfg["epochs"] + 1)
     bar = tqdm(epochs, desc="epochs", unit="ep", disable=not cfg["progress"], dynamic_ncols=True)
     metrics = {}
     for epoch in bar:
@@ -243,7 +282,13 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
                    f"C-Acc {metrics['clean_acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
                    f"({stats['img_per_s']:.0f} img/s)", file=sys.stdout)
         write_csv(staged.stage / "metrics.csv", rows)
+        save_torch(staged.stage / CHECKPOINT, {
+            "config": _resume_key(cfg), "epoch": epoch, "rows": rows, "seconds": time.perf_counter() - start,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
     seconds = time.perf_counter() - start
+    metrics = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else metrics
     payload = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "model_name": cfg["model"], "num_classes": info.num_classes, "in_channels": info.channels,
@@ -259,6 +304,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     save_torch(staged.stage / RECORD_FILE, payload)
     write_text(staged.stage / "config.yaml", dump_yaml(cfg))
     write_csv(staged.stage / "metrics.csv", rows)
+    (staged.stage / CHECKPOINT).unlink(missing_ok=True)
     write_json(staged.stage / "summary.json", {
         "clean_acc": metrics.get("clean_acc"), "asr": metrics.get("asr"), "ra": metrics.get("ra"),
         "epochs": cfg["epochs"], "seconds": round(seconds, 2),
