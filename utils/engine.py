@@ -39,6 +39,8 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use cpu or auto")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             if not _warned_cpu_fallback:

@@ -115,9 +115,12 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies, without the `module.` (DataParallel) and `_orig_mod.` (torch.compile) prefixes."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        stripped = True
+        while stripped:  # wrappers nest in any order: _orig_mod.module.x, module._orig_mod.x, ...
+            stripped = False
+            for prefix in ("module.", "_orig_mod."):
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
         out[key] = value.detach().cpu().clone()
     return out
 
