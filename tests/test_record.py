@@ -299,3 +299,19 @@ def test_load_state_dict_checked(tmp_path):
     with pytest.raises(UserError, match="record x") as info:
         load_state_dict_checked(torch.nn.Linear(4, 2), state, "record x")
     assert "\n" not in str(info.value)
+
+
+def test_staged_folder_abort_removes_the_folders_it_made(tmp_path):
+    existing = tmp_path / "record"
+    existing.mkdir()
+    staged = StagedFolder(existing / "cifar10" / "badnet" / "pratio_0.1-target_0-archi_x", False, "record", "m")
+    assert staged.stage.exists()
+    staged.abort()
+    assert existing.exists() and list(existing.iterdir()) == []
+
+
+def test_portable_path_never_absolute(tmp_path):
+    from utils.record import portable_path
+    assert portable_path("data") == "data"
+    assert portable_path(str(tmp_path / "tiny-data")) == "tiny-data"
+    assert not portable_path(str(Path(__file__).resolve())).startswith("/")

@@ -18,7 +18,7 @@ from utils.datasets import DATASETS
 from utils.errors import UserError
 from utils.poison import LABEL_TRANS, check_pratio
 from utils.purify import DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, get_mode, purify, tuning_indices
-from utils.record import (StagedFolder, clean_state_dict, find_record, load_record, load_state_dict_checked, save_torch,
+from utils.record import (StagedFolder, clean_state_dict, find_record, load_record, load_state_dict_checked, portable_path, save_torch,
                           write_csv, write_json, write_text)
 from utils.victim import build_model_for, device_name, evaluate_experiment, rebuild_experiment, versions
 
@@ -179,7 +179,7 @@ def _run(args, modes, folder, staged) -> dict[str, dict]:
         after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else before
         seconds = time.perf_counter() - start
         out = staged[name]
-        arguments = {k: v for k, v in vars(args).items()}
+        arguments = {k: portable_path(v) if k in ("dataset_path", "record_root") else v for k, v in vars(args).items()}
         arguments["ft_mode"] = name
         write_json(out.stage / "result.json", {
             "ft_mode": name, "record": f"{record['dataset']}/{record['attack']}/{folder.name}",

@@ -165,8 +165,9 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
         scheduler.step()
         metrics = evaluate(model)
         rows.append({"epoch": epoch, "lr": lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-                     **metrics, "head_weight_norm": float(head.weight.norm()),
-                     "head_cosine_to_orig": float(F.cosine_similarity(head.weight.flatten(), orig_weight.flatten(), dim=0))})
+                     **metrics, "head_weight_norm": float(head.weight.detach().norm()),
+                     "head_cosine_to_orig": float(F.cosine_similarity(head.weight.detach().flatten(),
+                                                                      orig_weight.flatten(), dim=0))})
     for p in model.parameters():
         p.requires_grad_(True)
     return model, rows

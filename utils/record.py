@@ -190,6 +190,8 @@ class StagedFolder:
         self.what = what
         if (self.final / marker).exists() and not overwrite:
             raise UserError(f"{what} {self.final} already exists; pass --overwrite true to replace it")
+        # folders made here are removed again by abort() if they stay empty
+        self._made = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if resumable:
             # a fixed name, so that a killed run finds its checkpoint again
@@ -210,3 +212,22 @@ class StagedFolder:
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+        for folder in self._made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def portable_path(value: str) -> str:
+    """A path as it may be written into a record: relative paths as given, absolute ones relative
+    to the repository when inside it, else only their last component (records must not carry
+    absolute paths, so that they can be moved and shared)."""
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return path.name

@@ -19,7 +19,7 @@ from utils.datasets import DATASETS, DatasetInfo, ImageSet, dataset_info, load_d
 from utils.errors import UserError
 from utils.poison import (LABEL_TRANS, BackdoorTestSet, PoisonedTrainSet, backdoor_test_set, check_pratio,
                           choose_poison_indices, poison_train_set)
-from utils.record import (FORMAT, FORMAT_VERSION, RECORD_FILE, StagedFolder, clean_state_dict, load_torch_file, record_path,
+from utils.record import (FORMAT, FORMAT_VERSION, RECORD_FILE, StagedFolder, clean_state_dict, load_torch_file, portable_path, record_path,
                           save_torch, write_csv, write_json, write_text)
 
 COMMON_OPTIONS: list[Option] = [
@@ -302,7 +302,8 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
         "model": clean_state_dict(model.state_dict()),
     }
     save_torch(staged.stage / RECORD_FILE, payload)
-    write_text(staged.stage / "config.yaml", dump_yaml(cfg))
+    write_text(staged.stage / "config.yaml", dump_yaml(
+        {k: portable_path(v) if k in ("dataset_path", "record_root") else v for k, v in cfg.items()}))
     write_csv(staged.stage / "metrics.csv", rows)
     (staged.stage / CHECKPOINT).unlink(missing_ok=True)
     write_json(staged.stage / "summary.json", {
