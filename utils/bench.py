@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="smallcnn")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--images", type=int, default=3840, help="images per round and pipeline")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"))
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 
@@ -10,7 +11,9 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run an entry point; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Run an entry point; a UserError becomes `error: <message>` on stderr and exit status 2.
+    Warnings print as one `warning: <message>` line instead of Python's two-line source echo."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         main()
     except UserError as err:
