@@ -132,7 +132,7 @@ def _build_cases(base: Path, data: Path, record: Path) -> dict[str, Case]:
     result_file.write_bytes(data_bytes[: len(data_bytes) // 2])
     ft("ft-corrupt", [], [str(result_file), "corrupt"], root)
     ft("ft-unknown-mode", ["--ft_mode", "finetune"], ["finetune", "fst", "ft-init", "fe-tuning"])
-    ft("ft-unknown-attack", ["--attack", "nosuchattack"], ["nosuchattack", existing])
+    ft("ft-unknown-attack", ["--attack", "nosuchattack"], ["nosuchattack", "badnet", "blended"])
     ft("ft-unknown-model", ["--model", "resnet99"], ["resnet99", "smallcnn", "resnet18"])
     ft("ft-unknown-dataset", ["--dataset", "mnist"], ["mnist", "cifar10"])
     ft("ft-split-zero", ["--split_ratio", "0"], ["--split_ratio", "got 0.0"])

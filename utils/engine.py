@@ -7,7 +7,6 @@ robustness experiments.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -250,6 +249,3 @@ def cosine_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.opt
     hard-wires a 100-epoch period)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
 
-
-def isfinite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

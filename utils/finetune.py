@@ -13,6 +13,7 @@ import torch
 
 import models
 from utils import engine
+from utils.attacks import get_attack
 from utils.config import dump_yaml, parse_bool, parse_optional_float
 from utils.datasets import DATASETS
 from utils.errors import UserError
@@ -64,6 +65,7 @@ def _settle_args(args: argparse.Namespace) -> list[str]:
         raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
     if args.model not in models.model_names():
         raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
+    get_attack(args.attack)  # an unknown attack name is a typo, not a missing record
     modes = list(MODES) if args.ft_mode == "all" else [get_mode(args.ft_mode).name]
     check_pratio(args.pratio)
     split, lr, epochs, alpha = DATASET_DEFAULTS[args.dataset]
