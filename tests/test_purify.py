@@ -127,7 +127,7 @@ def _head_name(model) -> str:
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    return float((a - b).detach().abs().max())
 
 
 MODEL_NAMES = models.model_names()
@@ -164,8 +164,8 @@ def test_mode_defining_property(name, mode):
         assert _max_diff(w, w0) > 0.1 * bound
         assert float(F.cosine_similarity(w.flatten(), w_init.flatten(), dim=0)) > 0.999
         if mode != "fst":  # fst's weight is rescaled to |W_orig| (norm_proj "fst"), the others are not
-            assert float(w.abs().max()) <= bound * (1 + 1e-3)
-        assert float(b.abs().max()) <= bound * (1 + 1e-3)
+            assert float(w.detach().abs().max()) <= bound * (1 + 1e-3)
+        assert float(b.detach().abs().max()) <= bound * (1 + 1e-3)
     else:
         # ft and lp keep the backdoored head: one tiny step moves it by far less than 1e-3
         assert _max_diff(w, w0) < 1e-3 and _max_diff(b, b0) < 1e-3
@@ -253,7 +253,7 @@ def test_norm_proj_all_forces_the_norm_in_every_mode(mode):
     model, images, labels = _small_setup()
     w0 = get_head(model).weight.detach().clone()
     out, rows = _small_run(mode, model, images, labels, norm_proj="all", lr=0.2)
-    assert float(get_head(out).weight.norm()) == pytest.approx(float(w0.norm()), rel=1e-5)
+    assert float(get_head(out).weight.detach().norm()) == pytest.approx(float(w0.norm()), rel=1e-5)
     assert all(r["head_weight_norm"] == pytest.approx(float(w0.norm()), rel=1e-5) for r in rows)
 
 
@@ -271,19 +271,19 @@ def test_fe_tuning_under_norm_proj_all_keeps_the_reinit_direction():
 
 def test_norm_proj_none_does_not_force_the_norm():
     model, images, labels = _small_setup()
-    w0_norm = float(get_head(model).weight.norm())
+    w0_norm = float(get_head(model).weight.detach().norm())
     for mode in ("fst", "ft-init", "ft"):
         out, _ = _small_run(mode, model, images, labels, norm_proj="none", lr=0.2, alpha=1.0)
-        assert abs(float(get_head(out).weight.norm()) - w0_norm) > 1e-3 * w0_norm, mode
+        assert abs(float(get_head(out).weight.detach().norm()) - w0_norm) > 1e-3 * w0_norm, mode
 
 
 def test_norm_proj_fst_only_projects_fst():
     model, images, labels = _small_setup()
-    w0_norm = float(get_head(model).weight.norm())
+    w0_norm = float(get_head(model).weight.detach().norm())
     fst, _ = _small_run("fst", model, images, labels, norm_proj="fst", lr=0.2)
     ftinit, _ = _small_run("ft-init", model, images, labels, norm_proj="fst", lr=0.2)
-    assert float(get_head(fst).weight.norm()) == pytest.approx(w0_norm, rel=1e-5)
-    assert abs(float(get_head(ftinit).weight.norm()) - w0_norm) > 1e-3 * w0_norm
+    assert float(get_head(fst).weight.detach().norm()) == pytest.approx(w0_norm, rel=1e-5)
+    assert abs(float(get_head(ftinit).weight.detach().norm()) - w0_norm) > 1e-3 * w0_norm
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -302,7 +302,7 @@ def test_loss_is_ce_with_smoothing_plus_the_fst_term(mode, smoothing):
     with torch.no_grad():
         logits = net(_pipeline(16).train_batch(images))
         ce = float(F.cross_entropy(logits, labels, label_smoothing=smoothing))
-        term = alpha * float((get_head(net).weight * w0).sum())
+        term = alpha * float((get_head(net).weight.detach() * w0).sum())
     expected = ce + term if mode == "fst" else ce
     assert rows[0]["train_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     if mode == "fst":
