@@ -287,7 +287,7 @@ def test_train_epoch_visits_every_sample_once():
     labels = torch.arange(n)
     seen: list[int] = []
 
-    def loss_fn(model, x, y):
+    def loss_fn(model, x, y, idx):
         seen.extend(y.tolist())
         logits = model(x)
         return F.cross_entropy(logits, y), logits

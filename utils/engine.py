@@ -157,11 +157,13 @@ def index_batches(n: int, batch_size: int, shuffle: bool, gen: torch.Generator |
         yield order[start:start + batch_size]
 
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: (model, inputs, labels, dataset indices of the batch) -> (loss, logits); the indices let an
+#: attack's loss look up per-sample facts such as "is this sample poisoned"
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(model, x, y):
+    def loss_fn(model, x, y, idx):
         logits = model(x)
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
     return loss_fn
@@ -189,7 +191,7 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
         x = pipeline.train_batch(images[idx], gen) if augment else pipeline.eval_batch(images[idx])
         y = labels[idx]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss, logits = loss_fn(model, x, y)
+            loss, logits = loss_fn(model, x, y, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

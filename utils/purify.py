@@ -137,7 +137,7 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
     scheduler = engine.cosine_scheduler(optimizer, settings.epochs)
     project = settings.norm_proj == "all" or (settings.norm_proj == "fst" and mode.feature_shift)
 
-    def loss_fn(net, x, y):
+    def loss_fn(net, x, y, idx):
         logits = net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
         if mode.feature_shift:
