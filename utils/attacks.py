@@ -28,6 +28,19 @@ class AttackSpec:
     apply: Callable[[torch.Tensor, Params, bool], torch.Tensor]
     clean_label: bool = False
     description: str = ""
+    #: for attacks that act inside the training step (Bypass, ...): (config, model, experiment) ->
+    #: TrainingHooks; None trains with plain cross-entropy on the poisoned set
+    training: Callable[[dict, Any, Any], "TrainingHooks"] | None = None
+
+
+@dataclass
+class TrainingHooks:
+    """What an attack adds to the victim's training loop."""
+
+    loss_fn: Callable  # engine.LossFn
+    after_step: Callable[[], None] | None = None
+    #: objects with state_dict()/load_state_dict() that a resumed run must restore
+    state: dict[str, Any] | None = None
 
 
 ATTACKS: dict[str, AttackSpec] = {}
@@ -96,3 +109,37 @@ register_attack(AttackSpec(
     build=_blended_build, apply=_blended_apply,
     description="x' = (1-a) x + a K with a fixed full-size image K",
 ))
+
+
+# --- SIG (clean label) ----------------------------------------------------------------------
+
+def _sig_build(cfg: dict, info: DatasetInfo) -> Params:
+    return {"pattern": triggers.sig_pattern(info.channels, info.image_size, cfg["sig_delta"], cfg["sig_f"])}
+
+
+def _sig_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tensor:
+    return triggers.apply_additive(images, params["pattern"])
+
+
+register_attack(AttackSpec(
+    name="sig",
+    options=[
+        Option("sig_delta", float, 40.0, "amplitude of the sinusoid in pixel units (0..255)"),
+        Option("sig_f", float, 6.0, "number of periods across the image width"),
+    ],
+    build=_sig_build, apply=_sig_apply, clean_label=True,
+    description="clean-label: add delta * sin(2 pi j f / W) along the columns, clip",
+))
+
+
+# --- Bypass (adversarial embedding) ---------------------------------------------------------
+
+def _with_bypass(base: AttackSpec, name: str) -> AttackSpec:
+    from utils.bypass import BYPASS_OPTIONS, bypass_hooks
+    return AttackSpec(name=name, options=base.options + BYPASS_OPTIONS, build=base.build, apply=base.apply,
+                      clean_label=base.clean_label, training=bypass_hooks,
+                      description=f"{base.name} trigger + adversarial-embedding regulariser against a feature discriminator")
+
+
+register_attack(_with_bypass(ATTACKS["badnet"], "badnet_bypass"))
+register_attack(_with_bypass(ATTACKS["blended"], "blended_bypass"))

@@ -5,6 +5,7 @@ uint8 batch of the same shape and never touches anything but the images it is gi
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,17 @@ def apply_blend(images: torch.Tensor, key: torch.Tensor, alpha: float) -> torch.
     """x' = (1 - alpha) x + alpha K, rounded back to uint8."""
     mixed = (1.0 - alpha) * images.float() + alpha * key.to(images.device).float()
     return mixed.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def sig_pattern(channels: int, size: int, delta: float, freq: float) -> torch.Tensor:
+    """SIG's signal as float (C,H,W): delta * sin(2 pi j f / W), varying along columns only, the
+    same for every row and channel."""
+    cols = torch.arange(size, dtype=torch.float32)
+    wave = delta * torch.sin(2 * math.pi * cols * freq / size)
+    return wave.expand(channels, size, size).clone()
+
+
+def apply_additive(images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """x + pattern, rounded and clipped back to uint8."""
+    out = images.float() + pattern.to(images.device)
+    return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -249,6 +249,8 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"])
     scheduler = engine.cosine_scheduler(optimizer, cfg["epochs"]) if cfg["lr_scheduler"] == "cosine" else None
     gen = engine.make_generator(cfg["random_seed"], device, "train-order")
+    hooks = spec.training(cfg, model, exp) if spec.training is not None else None
+    hook_state = (hooks.state or {}) if hooks is not None else {}
     n_poison = int(exp.train.poison_mask.sum())
     print(f"{spec.name} on {info.name}/{cfg['model']}: {len(exp.train.labels)} training images, {n_poison} poisoned "
           f"(pratio {cfg['pratio']}), {len(exp.clean_test.labels)} clean / {len(exp.bd_test.targets)} backdoor test images, "
@@ -262,6 +264,8 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
             scheduler.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
+        for name, obj in hook_state.items():
+            obj.load_state_dict(ckpt["hooks"][name])
         rows, first_epoch, spent = ckpt["rows"], ckpt["epoch"] + 1, ckpt["seconds"]
         print(f"resuming after epoch {ckpt['epoch']} from {staged.stage / CHECKPOINT}", flush=True)
     start = time.perf_counter() - spent
@@ -271,7 +275,9 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
         stats = engine.train_epoch(model, exp.train.images, exp.train.labels, exp.pipeline, optimizer,
-                                   cfg["batch_size"], gen, amp=amp, desc=f"epoch {epoch}", progress=cfg["progress"])
+                                   cfg["batch_size"], gen, amp=amp, desc=f"epoch {epoch}", progress=cfg["progress"],
+                                   loss_fn=hooks.loss_fn if hooks else None,
+                                   after_step=hooks.after_step if hooks else None)
         if scheduler is not None:
             scheduler.step()
         metrics = evaluate_experiment(model, exp, cfg["eval_batch_size"], amp)
@@ -286,7 +292,8 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
             "config": _resume_key(cfg), "epoch": epoch, "rows": rows, "seconds": time.perf_counter() - start,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "hooks": {name: obj.state_dict() for name, obj in hook_state.items()}})
     seconds = time.perf_counter() - start
     metrics = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else metrics
     payload = {
