@@ -31,6 +31,9 @@ class AttackSpec:
     #: for attacks that act inside the training step (Bypass, ...): (config, model, experiment) ->
     #: TrainingHooks; None trains with plain cross-entropy on the poisoned set
     training: Callable[[dict, Any, Any], "TrainingHooks"] | None = None
+    #: True when `training` applies the trigger inside each batch (WaNet): the stored training set
+    #: stays clean and the record's poisoned-index list is empty
+    batch_poisoning: bool = False
 
 
 @dataclass
@@ -41,6 +44,8 @@ class TrainingHooks:
     after_step: Callable[[], None] | None = None
     #: objects with state_dict()/load_state_dict() that a resumed run must restore
     state: dict[str, Any] | None = None
+    #: False when the hook does its own augmentation (the pipeline then only normalises)
+    augment: bool = True
 
 
 ATTACKS: dict[str, AttackSpec] = {}
@@ -143,3 +148,36 @@ def _with_bypass(base: AttackSpec, name: str) -> AttackSpec:
 
 register_attack(_with_bypass(ATTACKS["badnet"], "badnet_bypass"))
 register_attack(_with_bypass(ATTACKS["blended"], "blended_bypass"))
+
+
+# --- WaNet ----------------------------------------------------------------------------------
+
+def _wanet_build(cfg: dict, info: DatasetInfo) -> Params:
+    from utils.wanet import make_field
+    if cfg["k"] < 2 or cfg["k"] > info.image_size:
+        raise UserError(f"k must be within [2, {info.image_size}], got {cfg['k']}")
+    if cfg["cross_ratio"] < 0:
+        raise UserError(f"cross_ratio must be 0 or positive, got {cfg['cross_ratio']}")
+    return {"grid": make_field(info.image_size, cfg["k"], cfg["s"], cfg["random_seed"], cfg["grid_rescale"])}
+
+
+def _wanet_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tensor:
+    from utils.wanet import apply_uint8
+    return apply_uint8(images, params["grid"])
+
+
+def _wanet_hooks(cfg, model, exp):
+    from utils.wanet import wanet_hooks
+    return wanet_hooks(cfg, model, exp)
+
+
+def _wanet_options() -> list[Option]:
+    from utils.wanet import WANET_OPTIONS
+    return WANET_OPTIONS
+
+
+register_attack(AttackSpec(
+    name="wanet", options=_wanet_options(), build=_wanet_build, apply=_wanet_apply,
+    training=_wanet_hooks, batch_poisoning=True,
+    description="fixed smooth warping field applied inside each batch, with noise-mode samples",
+))

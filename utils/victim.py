@@ -162,7 +162,9 @@ def prepare_experiment(cfg: dict[str, Any], info: DatasetInfo, device: torch.dev
     test = take(test_full, test_indices)
     if trigger_params is None:
         trigger_params = spec.build(cfg, info)
-    if poison_indices is None:
+    if poison_indices is None and spec.batch_poisoning:
+        poison_indices = torch.empty(0, dtype=torch.long)  # poisoned inside each batch instead
+    elif poison_indices is None:
         poison_indices = choose_poison_indices(train.labels, cfg["pratio"], seed, cfg["attack_target"], spec.clean_label)
     elif len(poison_indices) and int(poison_indices.max()) >= len(train):
         raise UserError("the record's poisoned indices do not fit the training set on disk")
@@ -277,7 +279,8 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
         stats = engine.train_epoch(model, exp.train.images, exp.train.labels, exp.pipeline, optimizer,
                                    cfg["batch_size"], gen, amp=amp, desc=f"epoch {epoch}", progress=cfg["progress"],
                                    loss_fn=hooks.loss_fn if hooks else None,
-                                   after_step=hooks.after_step if hooks else None)
+                                   after_step=hooks.after_step if hooks else None,
+                                   augment=hooks.augment if hooks else True)
         if scheduler is not None:
             scheduler.step()
         metrics = evaluate_experiment(model, exp, cfg["eval_batch_size"], amp)
@@ -303,7 +306,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
         "dataset": info.name, "attack": spec.name, "clean_label": spec.clean_label,
         "attack_target": cfg["attack_target"], "attack_label_trans": cfg["attack_label_trans"],
         "pratio": cfg["pratio"], "random_seed": cfg["random_seed"],
-        "poison_indices": exp.poison_indices.cpu(),
+        "poison_indices": exp.poison_indices.cpu(), "batch_poisoning": spec.batch_poisoning,
         "train_indices": exp.train_indices, "test_indices": exp.test_indices,
         "trigger": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in exp.trigger_params.items()},
         "model": clean_state_dict(model.state_dict()),
