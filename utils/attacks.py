@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from utils import triggers
+from utils import bypass, triggers, wanet
 from utils.config import Option
 from utils.datasets import DatasetInfo
 from utils.errors import UserError
@@ -140,9 +140,8 @@ register_attack(AttackSpec(
 # --- Bypass (adversarial embedding) ---------------------------------------------------------
 
 def _with_bypass(base: AttackSpec, name: str) -> AttackSpec:
-    from utils.bypass import BYPASS_OPTIONS, bypass_hooks
-    return AttackSpec(name=name, options=base.options + BYPASS_OPTIONS, build=base.build, apply=base.apply,
-                      clean_label=base.clean_label, training=bypass_hooks,
+    return AttackSpec(name=name, options=base.options + bypass.BYPASS_OPTIONS, build=base.build, apply=base.apply,
+                      clean_label=base.clean_label, training=bypass.bypass_hooks,
                       description=f"{base.name} trigger + adversarial-embedding regulariser against a feature discriminator")
 
 
@@ -153,31 +152,16 @@ register_attack(_with_bypass(ATTACKS["blended"], "blended_bypass"))
 # --- WaNet ----------------------------------------------------------------------------------
 
 def _wanet_build(cfg: dict, info: DatasetInfo) -> Params:
-    from utils.wanet import make_field
     if cfg["k"] < 2 or cfg["k"] > info.image_size:
         raise UserError(f"k must be within [2, {info.image_size}], got {cfg['k']}")
     if cfg["cross_ratio"] < 0:
         raise UserError(f"cross_ratio must be 0 or positive, got {cfg['cross_ratio']}")
-    return {"grid": make_field(info.image_size, cfg["k"], cfg["s"], cfg["random_seed"], cfg["grid_rescale"])}
-
-
-def _wanet_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tensor:
-    from utils.wanet import apply_uint8
-    return apply_uint8(images, params["grid"])
-
-
-def _wanet_hooks(cfg, model, exp):
-    from utils.wanet import wanet_hooks
-    return wanet_hooks(cfg, model, exp)
-
-
-def _wanet_options() -> list[Option]:
-    from utils.wanet import WANET_OPTIONS
-    return WANET_OPTIONS
+    return {"grid": wanet.make_field(info.image_size, cfg["k"], cfg["s"], cfg["random_seed"], cfg["grid_rescale"])}
 
 
 register_attack(AttackSpec(
-    name="wanet", options=_wanet_options(), build=_wanet_build, apply=_wanet_apply,
-    training=_wanet_hooks, batch_poisoning=True,
+    name="wanet", options=wanet.WANET_OPTIONS, build=_wanet_build,
+    apply=lambda images, params, train: wanet.apply_uint8(images, params["grid"]),
+    training=wanet.wanet_hooks, batch_poisoning=True,
     description="fixed smooth warping field applied inside each batch, with noise-mode samples",
 ))
