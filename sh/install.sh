@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what is missing, idempotently. Source it (`. sh/install.sh [--test]`) to get $PY, or run it.
+# Install what is missing, idempotently: `bash sh/install.sh [--test]`. The other sh/ scripts source it
+# to get $PY (it sets -euo pipefail, so do not source it into an interactive shell).
 #  - Python packages from requirements.txt (and requirements-test.txt with --test) into the active
 #    virtual or conda environment, else into .venv in the repository root (created if needed);
 #  - Fashion-MNIST from the Debian package dataset-fashion-mnist where apt is usable, else
