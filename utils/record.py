@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
+from utils.config import REPO_ROOT
 from utils.errors import UserError
 
 RECORD_FILE = "attack_result.pt"
@@ -226,8 +227,7 @@ def portable_path(value: str) -> str:
     path = Path(value)
     if not path.is_absolute():
         return value
-    root = Path(__file__).resolve().parents[1]
     try:
-        return str(path.resolve().relative_to(root))
+        return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
         return path.name

@@ -70,17 +70,9 @@ def parse_attack_config(attack: str, argv: Sequence[str] | None = None) -> dict[
     layers = [(str(proto_path), load_yaml(proto_path, options)), (str(attack_path), load_yaml(attack_path, options))]
     cfg = resolve(options, layers, args)
     cfg["attack"] = attack
-    cfg["yaml_path"] = _display_path(proto_path)
-    cfg["bd_yaml_path"] = _display_path(attack_path)
+    cfg["yaml_path"] = portable_path(str(proto_path.resolve()))
+    cfg["bd_yaml_path"] = portable_path(str(attack_path.resolve()))
     return cfg
-
-
-def _display_path(path: Path) -> str:
-    """Repository-relative when possible, so records hold no absolute paths."""
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return path.name
 
 
 def validate_config(cfg: dict[str, Any]) -> DatasetInfo:
