@@ -76,9 +76,7 @@ def main(argv=None) -> dict:
     pipeline = engine.Pipeline.for_dataset(info, device)
 
     torch.manual_seed(0)
-    model = build_model(args.model, info.num_classes, info.channels, info.image_size).to(device)
-    if pipeline.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = engine.place_model(build_model(args.model, info.num_classes, info.channels, info.image_size), pipeline, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     gen = engine.make_generator(0, device, "bench")
     bs = args.batch_size

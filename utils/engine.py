@@ -145,6 +145,12 @@ def derive_seed(seed: int, purpose: str) -> int:
     return zlib.crc32(f"{purpose}:{seed}".encode()) & 0x7FFFFFFF
 
 
+def place_model(model: nn.Module, pipeline: Pipeline, device: torch.device) -> nn.Module:
+    """Move a model to the device in the memory format the pipeline's batches use."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if pipeline.channels_last else model
+
+
 def make_generator(seed: int, device: torch.device, purpose: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, purpose))
 

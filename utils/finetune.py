@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 import models
 from utils import engine
@@ -149,9 +148,7 @@ def _run(args, modes, folder, staged) -> dict[str, dict]:
     model = build_model_for(record["model_name"], exp.info, exp.pipeline.input_size)
     load_state_dict_checked(model, record["model"], str(folder / "attack_result.pt"))
     models.get_head(model, args.linear_name)  # fail early on a bad --linear_name
-    model = model.to(device)
-    if exp.pipeline.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = engine.place_model(model, exp.pipeline, device)
     tune_idx = tuning_indices(exp.clean_train.labels, args.split_ratio, args.random_seed, args.split_mode == "balanced")
     tune_images = exp.clean_train.images[tune_idx].to(device)
     tune_labels = exp.clean_train.labels[tune_idx].to(device)

@@ -237,9 +237,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     engine.seed_everything(cfg["random_seed"])
     exp = prepare_experiment(cfg, info, device)
     input_size = exp.pipeline.input_size
-    model = build_model_for(cfg["model"], info, input_size, cfg["pretrained"]).to(device)
-    if exp.pipeline.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = engine.place_model(build_model_for(cfg["model"], info, input_size, cfg["pretrained"]), exp.pipeline, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"])
     scheduler = engine.cosine_scheduler(optimizer, cfg["epochs"]) if cfg["lr_scheduler"] == "cosine" else None
     gen = engine.make_generator(cfg["random_seed"], device, "train-order")
