@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-
 import models
 from utils import engine
 from utils.attacks import get_attack
