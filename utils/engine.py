@@ -191,10 +191,13 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
                 optimizer: torch.optim.Optimizer, batch_size: int, gen: torch.Generator,
                 loss_fn: LossFn | None = None, after_step: Callable[[], None] | None = None,
                 amp: torch.dtype | None = None, desc: str = "train", augment: bool = True,
-                progress: bool = True, set_train_mode: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
+                progress: bool = True, set_train_mode: Callable[[nn.Module], None] | None = None,
+                before_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over (images, labels) in shuffled batches. Loss and accuracy are accumulated on the
     device and read once at the end, so the step itself never waits for the host.
-    `set_train_mode` replaces `model.train()` (purification uses it to keep frozen BatchNorm fixed)."""
+    `set_train_mode` replaces `model.train()` (purification uses it to keep frozen BatchNorm fixed).
+    `before_step` runs between the backward pass and the optimiser step: sharpness-aware steps
+    evaluate the gradient at shifted weights inside `loss_fn` and move the weights back there."""
     loss_fn = loss_fn or cross_entropy_loss()
     device = images.device
     (set_train_mode or nn.Module.train)(model)
@@ -212,6 +215,8 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
             loss, logits = loss_fn(model, x, y, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if before_step is not None:
+            before_step()
         optimizer.step()
         if after_step is not None:
             after_step()

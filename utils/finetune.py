@@ -1,8 +1,9 @@
-"""`fine_tune/ft.py`: load a record, purify its model with one mode (or all five), write results."""
+"""`fine_tune/ft.py`: load a record, purify its model with one or more modes, write results."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import sys
 import time
@@ -16,39 +17,46 @@ from utils.config import dump_yaml, parse_bool, parse_optional_float
 from utils.datasets import DATASETS
 from utils.errors import UserError
 from utils.poison import LABEL_TRANS, check_pratio
-from utils.purify import DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, get_mode, purify, tuning_indices
+from utils.purify import ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, parse_modes, purify, tuning_indices
+from utils.resources import tensor_digest
+from utils.robustness import add_record_options, check_tag
 from utils.record import (StagedFolder, clean_state_dict, find_record, load_record, load_state_dict_checked, portable_path, save_torch,
                           write_csv, write_json, write_text)
 from utils.victim import build_model_for, device_name, evaluate_experiment, rebuild_experiment, versions
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Purify a backdoored model by fine-tuning (FST and baselines).")
+    p = argparse.ArgumentParser(description="Purify a backdoored model by fine-tuning (FST and baselines, FT-SAM, BTI, PAM).")
     a = p.add_argument
+    add_record_options(p)
     a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
-    a("--ft_mode", default="fst", help=f"one of {', '.join(MODES)}, or all (default fst)")
-    a("--attack", default="badnet", help="attack name of the record (default badnet)")
+    a("--ft_mode", default="fst", help=f"one of {', '.join(ALL_MODES)}; all (= {', '.join(MODES)}); or a comma-separated list (default fst)")
     a("--attack_label_trans", default=None, choices=LABEL_TRANS, help="checked against the record when given")
-    a("--pratio", type=float, default=0.1, help="poisoning ratio of the record (default 0.1)")
-    a("--epochs", type=int, default=None, help="tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15)")
-    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default cifar10)")
-    a("--dataset_path", default="data", help="folder holding the datasets (default data)")
-    a("--attack_target", type=int, default=0, help="target label of the record (default 0)")
+    a("--epochs", type=int, default=None, help="tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)")
     a("--batch_size", type=int, default=128, help="tuning batch size (default 128)")
-    a("--lr", type=float, default=None, help="tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny)")
+    a("--lr", type=float, default=None, help="tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)")
+    a("--momentum", type=float, default=None, help="SGD momentum (default 0.9; bti/pam 0.1)")
     a("--random_seed", type=int, default=0, help="seed of the tuning subset, head init and batch order (default 0)")
-    a("--model", default="resnet18", help="architecture of the record (default resnet18)")
-    a("--split_ratio", type=float, default=None, help="fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny)")
+    a("--split_ratio", type=float, default=None, help="fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny and bti/pam)")
     a("--log", action="store_true", help="also write the console output to defense/<mode>/log.txt")
     a("--pre", action="store_true", help="accepted for compatibility: the record already holds the (pre-trained) weights")
-    a("--save", action="store_true", help="save the purified weights as defense/<mode>/model.pt")
+    a("--save", type=parse_bool, nargs="?", const=True, default=True,
+      help="save the purified weights as defense/<mode>/model.pt (default true; the retuning and reactivation attacks need them)")
     a("--linear_name", default=None, help="dotted path of the classifier head (default: the model's own, e.g. linear, classifier.6)")
-    a("--lb_smooth", type=parse_optional_float, default=None, help="label smoothing for the CE term (FST term kept)")
+    a("--lb_smooth", type=parse_optional_float, default=None, help="label smoothing for the CE term (FST term kept; default none, ft-sam 0.1)")
     a("--alpha", type=float, default=None, help="FST feature-shift weight (default per dataset: 0.2 cifar10, 0.1 gtsrb, 0.001 cifar100/tiny)")
-    a("--norm_proj", default="all", choices=NORM_PROJ, help="rescale the head to the backdoored head's norm after each step: in all modes (official code), fst only (paper), none")
+    a("--norm_proj", default="all", choices=NORM_PROJ, help="rescale the head to the backdoored head's norm after each step: in all five FST modes (official code), fst only (paper), none")
     a("--split_mode", default="uniform", choices=("uniform", "balanced"), help="uniform random tuning subset, or the first k images of each class")
     a("--frozen_bn", type=parse_bool, default=False, help="keep BatchNorm of frozen parts in eval mode (default false: train mode, as the official code)")
-    a("--record_root", default="record", help="folder that holds the records (default record)")
+    a("--sam_rho", type=float, default=2.0, help="ft-sam: neighbourhood radius (default 2.0)")
+    a("--sam_adaptive", type=parse_bool, default=True, help="ft-sam: adaptive SAM, radius relative to the weights' magnitudes (default true)")
+    a("--pam_rho", type=float, default=0.5, help="pam: distance of the gradient point along the path to the backdoored weights (default 0.5)")
+    a("--rounds", type=int, default=3, help="bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)")
+    a("--unlearn_ratio", type=float, default=0.2, help="bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)")
+    a("--bti_pretrain_epochs", type=int, default=5, help="bti/pam: generator reconstruction pre-training epochs (default 5)")
+    a("--bti_mask_epochs", type=int, default=10, help="bti/pam: feature-mask epochs per round (default 10)")
+    a("--bti_gen_epochs", type=int, default=5, help="bti/pam: backdoor-generator epochs per round (default 5)")
+    a("--bti_mse_bound", type=float, default=0.3, help="bti/pam: bound on the generator's image MSE, normalised input space (default 0.3)")
     a("--tag", default="", help="write to defense/<mode>_<tag>/ instead of defense/<mode>/ (for sweeps)")
     a("--overwrite", type=parse_bool, default=False, help="replace an existing result of the same mode and tag")
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
@@ -57,31 +65,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth")
+
+
 def _settle_args(args: argparse.Namespace) -> list[str]:
-    """Fill per-dataset defaults and check every value before any work starts. Returns the modes."""
+    """Check every value given before any work starts. Returns the modes; `mode_args` fills the
+    defaults of each."""
     if args.dataset not in DATASETS:
         raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
     if args.model not in models.model_names():
         raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
     get_attack(args.attack)  # an unknown attack name is a typo, not a missing record
-    modes = list(MODES) if args.ft_mode == "all" else [get_mode(args.ft_mode).name]
+    modes = parse_modes(args.ft_mode)
     check_pratio(args.pratio)
-    split, lr, epochs, alpha = DATASET_DEFAULTS[args.dataset]
-    args.split_ratio = split if args.split_ratio is None else args.split_ratio
-    args.lr = lr if args.lr is None else args.lr
-    args.epochs = epochs if args.epochs is None else args.epochs
-    args.alpha = alpha if args.alpha is None else args.alpha
-    if not 0.0 < args.split_ratio <= 1.0:
+    if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
         raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
-    if args.epochs < 1 or args.batch_size < 1 or args.eval_batch_size < 0:
-        raise UserError("--epochs and --batch_size must be positive, --eval_batch_size 0 or positive")
-    if args.lr <= 0:
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.eval_batch_size < 0 or args.rounds < 1:
+        raise UserError("--epochs, --rounds and --batch_size must be positive, --eval_batch_size 0 or positive")
+    if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
+        raise UserError(f"--momentum must be within [0, 1), got {args.momentum}")
     if args.lb_smooth is not None and not 0.0 <= args.lb_smooth < 1.0:
         raise UserError(f"--lb_smooth must be within [0, 1), got {args.lb_smooth}")
-    if args.tag and not all(c.isalnum() or c in "-_." for c in args.tag):
-        raise UserError(f"--tag {args.tag!r} may hold only letters, digits, '-', '_' and '.'")
+    if args.sam_rho <= 0 or args.pam_rho < 0:
+        raise UserError("--sam_rho must be positive and --pam_rho 0 or positive")
+    if not 0.0 <= args.unlearn_ratio <= 1.0:
+        raise UserError(f"--unlearn_ratio must be within [0, 1], got {args.unlearn_ratio}")
+    if min(args.bti_pretrain_epochs, args.bti_mask_epochs, args.bti_gen_epochs) < 0 or args.bti_mse_bound <= 0:
+        raise UserError("--bti_*_epochs must be 0 or positive and --bti_mse_bound positive")
+    check_tag(args.tag)
     return modes
+
+
+def mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
+    """The arguments of one mode: what the user gave, else the mode's own default (PAM's 5% split,
+    FT-SAM's label smoothing, ...), else the dataset's."""
+    out = copy.copy(args)
+    out.ft_mode = mode
+    given = {k: getattr(args, k) for k in _TUNING_KEYS}
+    split, lr, epochs, alpha = DATASET_DEFAULTS[args.dataset]
+    filled = {"split_ratio": split, "lr": lr, "epochs": epochs, "alpha": alpha, "momentum": 0.9, "lb_smooth": None}
+    filled.update(dict(ALL_MODES[mode].defaults))
+    for key in _TUNING_KEYS:
+        setattr(out, key, given[key] if given[key] is not None else filled[key])
+    return out
+
+
+def settings_for(args: argparse.Namespace) -> PurifySettings:
+    """PurifySettings from one mode's settled arguments."""
+    bti = None
+    if ALL_MODES[args.ft_mode].unlearn:
+        from utils.bti import BTISettings
+
+        bti = BTISettings(pretrain_epochs=args.bti_pretrain_epochs, mask_epochs=args.bti_mask_epochs,
+                          gen_epochs=args.bti_gen_epochs, mse_bound=args.bti_mse_bound, batch_size=args.batch_size,
+                          seed=args.random_seed, progress=args.progress)
+    return PurifySettings(epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size,
+                          momentum=args.momentum, label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
+                          frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
+                          progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
+                          pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti)
+
+
+def tuning_set(labels, args: argparse.Namespace):
+    """The tuning indices a purification with these (settled) arguments used; RA draws the same."""
+    return tuning_indices(labels, args.split_ratio, args.random_seed, args.split_mode == "balanced")
 
 
 def _check_record_matches(record: dict, args: argparse.Namespace, folder: Path) -> None:
@@ -148,41 +197,46 @@ def _run(args, modes, folder, staged) -> dict[str, dict]:
     load_state_dict_checked(model, record["model"], str(folder / "attack_result.pt"))
     models.get_head(model, args.linear_name)  # fail early on a bad --linear_name
     model = engine.place_model(model, exp.pipeline, device)
-    tune_idx = tuning_indices(exp.clean_train.labels, args.split_ratio, args.random_seed, args.split_mode == "balanced")
-    tune_images = exp.clean_train.images[tune_idx].to(device)
-    tune_labels = exp.clean_train.labels[tune_idx].to(device)
 
     def evaluate(net):
         return evaluate_experiment(net, exp, args.eval_batch_size, amp)
 
     before = evaluate(model)
     print(f"record {folder}: {record['attack']} on {record['dataset']}/{record['model_name']}, pratio {record['pratio']}; "
-          f"tuning on {len(tune_idx)} clean images ({args.split_mode}, split_ratio {args.split_ratio}), "
           f"device {device_name(device)}")
     print(f"before purification: C-Acc {before['clean_acc']:.4f}  ASR {before['asr']:.4f}  RA {before['ra']:.4f}", flush=True)
-    settings = PurifySettings(epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size,
-                              label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
-                              frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
-                              progress=args.progress)
     results = {}
     for name in modes:
+        margs = mode_args(args, name)
+        tune_idx = tuning_set(exp.clean_train.labels, margs)
+        tune_images = exp.clean_train.images[tune_idx].to(device)
+        tune_labels = exp.clean_train.labels[tune_idx].to(device)
+        print(f"[{name}] tuning on {len(tune_idx)} clean images ({margs.split_mode}, split_ratio {margs.split_ratio}), "
+              f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")
+              + f", lr {margs.lr}, momentum {margs.momentum}", flush=True)
         log = io.StringIO()
         tee = _Tee(sys.stdout, log) if args.log else sys.stdout
         start = time.perf_counter()
+        info: dict = {}
         with contextlib.redirect_stdout(tee):
-            purified, rows = purify(model, MODES[name], tune_images, tune_labels, exp.pipeline, settings, evaluate, amp)
+            purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs),
+                                    evaluate, amp, info)
+            for found in info.get("rounds", []):
+                print(f"[{name}] round {found['round']}: trigger inversion points to label {found['detected_target']} "
+                      f"({100 * found['target_share']:.1f}% of the synthesised images)")
             for row in rows:
                 print(f"[{name}] epoch {row['epoch']:2d}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
                       f"C-Acc {row['clean_acc']:.4f}  ASR {row['asr']:.4f}  RA {row['ra']:.4f}")
         after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else before
         seconds = time.perf_counter() - start
         out = staged[name]
-        arguments = {k: portable_path(v) if k in ("dataset_path", "record_root") else v for k, v in vars(args).items()}
-        arguments["ft_mode"] = name
+        arguments = {k: portable_path(v) if k in ("dataset_path", "record_root") else v for k, v in vars(margs).items()}
         write_json(out.stage / "result.json", {
             "ft_mode": name, "record": f"{record['dataset']}/{record['attack']}/{folder.name}",
             "before": before, "after": after, "der": der(before, after),
-            "tuning_size": len(tune_idx), "seconds": round(seconds, 2), "device": device_name(device),
+            "tuning_size": len(tune_idx), "tuning_digest": tensor_digest(tune_idx),
+            **({"inversion": info["rounds"]} if "rounds" in info else {}),
+            "seconds": round(seconds, 2), "device": device_name(device),
             "versions": versions(), "args": arguments,
         })
         write_csv(out.stage / "metrics.csv", rows)

@@ -4,7 +4,15 @@ shared training loop.
 A mode says whether the head is re-initialised, which parameters train, and whether the FST
 feature-shift term `alpha * <W, W_orig>` joins the loss. The head-norm projection (rescale the head
 weight to the backdoored head's Frobenius norm after every step) is switchable: the official code
-applies it in every mode, the paper describes it for FST.
+applies it in every mode, the paper describes it for FST; it belongs to the five FST modes only.
+
+Three more modes come from the post-purification robustness work (REFERENCE §6):
+- `ft-sam`: fine-tuning with (adaptive) sharpness-aware minimisation steps (BackdoorBench's FT-SAM);
+- `bti`: BTI-DBF unlearning: in every batch a share of the images is replaced by the output of an
+  inverted-trigger generator, with the true labels; generator and feature mask are re-learnt against
+  the current model at the start of each round;
+- `pam`: the same unlearning with path-aware minimisation steps (gradient taken at ρ along the
+  straight path from the current weights towards the backdoored ones, see utils/sharpness.py).
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from tqdm.auto import tqdm
 from models import get_head
 from utils import engine
 from utils.errors import UserError
+from utils.sharpness import WeightShift, path_offsets, sam_offsets
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,12 @@ class Mode:
     trains: str  # "all", "head" or "backbone"
     feature_shift: bool
     summary: str
+    step: str = "sgd"  # "sgd", "sam" or "pam": where the gradient of each step is taken
+    unlearn: bool = False  # BTI-DBF unlearning (synthesised trigger images with their true labels)
+    defaults: tuple = ()  # (option, value) pairs that replace the per-dataset defaults for this mode
 
 
+# The five modes of the FST paper; `--ft_mode all` runs these.
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("ft", False, "all", False, "vanilla fine-tuning of every parameter"),
     Mode("lp", False, "head", False, "linear probing: only the head trains"),
@@ -38,6 +51,17 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("ft-init", True, "all", False, "head re-initialised, everything trains"),
     Mode("fst", True, "all", True, "head re-initialised, everything trains, loss + alpha <W, W_orig>"),
 )}
+# PAM's protocol (REFERENCE §6): 5% clean split, lr 0.01, momentum 0.1, 3 rounds of 30 epochs
+UNLEARN_DEFAULTS = (("split_ratio", 0.05), ("epochs", 30), ("lr", 0.01), ("momentum", 0.1))
+EXTRA_MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("ft-sam", False, "all", False, "fine-tuning with adaptive sharpness-aware minimisation (FT-SAM)", step="sam",
+         defaults=(("lb_smooth", 0.1),)),
+    Mode("bti", False, "all", False, "BTI-DBF unlearning on inverted-trigger images with their true labels",
+         unlearn=True, defaults=UNLEARN_DEFAULTS),
+    Mode("pam", False, "all", False, "BTI-DBF unlearning with path-aware minimisation steps (PAM)", step="pam",
+         unlearn=True, defaults=UNLEARN_DEFAULTS),
+)}
+ALL_MODES: dict[str, Mode] = {**MODES, **EXTRA_MODES}
 NORM_PROJ = ("all", "fst", "none")
 
 # Published settings per dataset (split_ratio, lr, epochs, alpha); fmnist follows CIFAR-10.
@@ -51,9 +75,24 @@ DATASET_DEFAULTS = {
 
 
 def get_mode(name: str) -> Mode:
-    if name not in MODES:
-        raise UserError(f"unknown --ft_mode {name!r}; choose one of: {', '.join(MODES)}, all")
-    return MODES[name]
+    if name not in ALL_MODES:
+        raise UserError(f"unknown --ft_mode {name!r}; choose one of: {', '.join(ALL_MODES)}, all "
+                        f"(= {', '.join(MODES)}), or a comma-separated list")
+    return ALL_MODES[name]
+
+
+def parse_modes(text: str) -> list[str]:
+    """`all` (the five FST modes), one mode, or a comma-separated list of modes."""
+    if text == "all":
+        return list(MODES)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UserError("--ft_mode is empty")
+    out: list[str] = []
+    for name in names:
+        if get_mode(name).name not in out:
+            out.append(name)
+    return out
 
 
 def tuning_indices(labels: torch.Tensor, split_ratio: float, seed: int, balanced: bool = False) -> torch.Tensor:
@@ -102,6 +141,12 @@ class PurifySettings:
     seed: int = 0
     linear_name: str | None = None
     progress: bool = True
+    sam_rho: float = 2.0          # FT-SAM neighbourhood radius (BackdoorBench: 2.0 with adaptive SAM)
+    sam_adaptive: bool = True
+    pam_rho: float = 0.5          # PAM: distance of the evaluation point along the path to the backdoored weights
+    rounds: int = 3               # bti/pam: rounds of (re-invert the trigger, `epochs` epochs of unlearning)
+    unlearn_ratio: float = 0.2    # bti/pam: share of each batch replaced by synthesised trigger images
+    bti: object = None            # bti/pam: utils.bti.BTISettings (None: its defaults with this seed)
 
 
 def _set_trainable(model: nn.Module, head: nn.Linear, trains: str) -> list[nn.Parameter]:
@@ -124,8 +169,11 @@ def _freeze_bn(model: nn.Module) -> None:
 
 
 def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Tensor, pipeline: engine.Pipeline,
-           settings: PurifySettings, evaluate: Callable[[nn.Module], dict], amp=None) -> tuple[nn.Module, list[dict]]:
-    """Purify a copy of `model` on the tuning set; returns it and one metrics row per epoch."""
+           settings: PurifySettings, evaluate: Callable[[nn.Module], dict], amp=None,
+           info: dict | None = None) -> tuple[nn.Module, list[dict]]:
+    """Purify a copy of `model` on the tuning set; returns it and one metrics row per epoch.
+    Unlearning modes run `settings.rounds` rounds of `settings.epochs` epochs and report each round's
+    trigger inversion (detected target label and its share) in `info["rounds"]` when `info` is given."""
     model = copy.deepcopy(model)
     head = get_head(model, settings.linear_name)
     orig_weight = head.weight.detach().clone()
@@ -134,16 +182,30 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
         reinit_linear(head, settings.seed)
     params = _set_trainable(model, head, mode.trains)
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
-    scheduler = engine.cosine_scheduler(optimizer, settings.epochs)
-    project = settings.norm_proj == "all" or (settings.norm_proj == "fst" and mode.feature_shift)
+    total_epochs = settings.epochs * (settings.rounds if mode.unlearn else 1)
+    scheduler = engine.cosine_scheduler(optimizer, total_epochs)
+    project = mode.name in MODES and (settings.norm_proj == "all" or (settings.norm_proj == "fst" and mode.feature_shift))
+    shift = WeightShift(params) if mode.step != "sgd" else None
+    anchor = [p.detach().clone() for p in params] if mode.step == "pam" else None
+    unlearning = _Unlearning(model, images, labels, pipeline, settings, amp) if mode.unlearn else None
 
-    def loss_fn(net, x, y, idx):
-        logits = net(x)
+    def objective(logits, y):
         loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
         if mode.feature_shift:
             # Frobenius inner product with the backdoored head; the bias is not penalised
             loss = loss + settings.alpha * (head.weight * orig_weight).sum()
-        return loss, logits
+        return loss
+
+    def loss_fn(net, x, y, idx):
+        if unlearning is not None:
+            x = unlearning.mix(x)
+        if mode.step == "sam":
+            grads = torch.autograd.grad(objective(net(x), y), params, allow_unused=True)
+            shift.apply(sam_offsets(params, grads, settings.sam_rho, settings.sam_adaptive))
+        elif mode.step == "pam":
+            shift.apply(path_offsets(params, anchor, settings.pam_rho))
+        logits = net(x)
+        return objective(logits, y), logits
 
     def after_step():
         if project:
@@ -157,17 +219,59 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
 
     gen = engine.make_generator(settings.seed, images.device, f"tune-order-{mode.name}")
     rows = []
-    for epoch in tqdm(range(1, settings.epochs + 1), desc=mode.name, unit="ep", leave=False,
+    for epoch in tqdm(range(1, total_epochs + 1), desc=mode.name, unit="ep", leave=False,
                       disable=not settings.progress, dynamic_ncols=True):
+        extra = {}
+        if unlearning is not None:
+            extra["round"] = (epoch - 1) // settings.epochs + 1
+            if (epoch - 1) % settings.epochs == 0:
+                found = unlearning.invert(extra["round"])
+                if info is not None:
+                    info.setdefault("rounds", []).append(found)
         lr = optimizer.param_groups[0]["lr"]
         stats = engine.train_epoch(model, images, labels, pipeline, optimizer, settings.batch_size, gen, loss_fn,
-                                   after_step, amp, desc="tune", progress=settings.progress, set_train_mode=train_mode)
+                                   after_step, amp, desc="tune", progress=settings.progress, set_train_mode=train_mode,
+                                   before_step=shift.restore if shift is not None else None)
         scheduler.step()
         metrics = evaluate(model)
-        rows.append({"epoch": epoch, "lr": lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+        rows.append({"epoch": epoch, **extra, "lr": lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                      **metrics, "head_weight_norm": float(head.weight.detach().norm()),
                      "head_cosine_to_orig": float(F.cosine_similarity(head.weight.detach().flatten(),
                                                                       orig_weight.flatten(), dim=0))})
     for p in model.parameters():
         p.requires_grad_(True)
     return model, rows
+
+
+class _Unlearning:
+    """BTI-DBF's side of the bti/pam modes: a generator pre-trained once, then at each round a
+    feature mask and the backdoor generator learnt against the current model; batches get their
+    first `unlearn_ratio` share replaced by generator outputs (the batch order is random, so the
+    first images are a random choice), labels unchanged."""
+
+    def __init__(self, model, images, labels, pipeline, settings: PurifySettings, amp):
+        from utils import bti
+
+        self.bti = bti
+        self.model, self.images, self.labels, self.pipeline, self.amp = model, images, labels, pipeline, amp
+        self.ratio = settings.unlearn_ratio
+        self.settings = settings.bti or bti.BTISettings(seed=settings.seed, progress=settings.progress,
+                                                        batch_size=settings.batch_size)
+        self.generator = bti.UNetGenerator(images.shape[1], self.settings.width).to(images.device)
+        self.pretrain = bti.pretrain_generator(self.generator, images, pipeline, self.settings, amp)
+
+    def invert(self, round_no: int) -> dict:
+        mask = self.bti.learn_feature_mask(self.model, self.images, self.labels, self.pipeline, self.settings, self.amp)
+        stats = self.bti.train_generator(self.generator, self.model, mask, self.images, self.pipeline, self.settings,
+                                         self.amp)
+        target, share = self.bti.detect_target(self.model, self.generator, self.images, self.pipeline, amp=self.amp)
+        return {"round": round_no, "detected_target": target, "target_share": share,
+                "mask_mean": float(mask.mean()), **{k: float(v) for k, v in stats.items()}}
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(round(len(x) * self.ratio))
+        if k == 0:
+            return x
+        x = x.clone()
+        x[:k] = self.bti.synthesize(self.generator, x[:k]).to(x.dtype)
+        return x
