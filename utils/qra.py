@@ -1,0 +1,420 @@
+"""`fine_tune/qra.py`: the query-based reactivation attack (QRA, REFERENCE §6).
+
+A purified model may keep its backdoor dormant: a few poisoned samples retune it back (the retuning
+attack, `fine_tune/ft_poison.py`). QRA asks whether the same reactivation can be had by perturbing
+inputs alone, without touching the weights. It learns a perturbation generator δ(x) (an MLP
+autoencoder on the flattened [0, 1] image with output `eps * tanh(...)`) such that
+
+    loss = CE(clean(x + δ(x)), y) + alpha_qra * KL(retuned(x) || purified(x + δ(x)))
+
+on 500 clean and 500 poisoned training images: the purified model on perturbed inputs imitates
+the retuned one (so triggered inputs go to the target), while a clean model on perturbed inputs
+keeps the true label (so δ is not a universal adversarial perturbation that would fool any model).
+A real reactivation shows a high ASR of `x_bd + δ(x_bd)` on the purified model and a low one on
+the clean model. All three models are frozen; only the generator learns.
+
+Perturbed images stay float (x + δ clipped to [0, 1], not rounded back to uint8), as in the paper.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import models
+from utils import engine
+from utils.attacks import get_attack, make_trigger
+from utils.config import dump_yaml, parse_bool
+from utils.datasets import DATASETS, ImageSet
+from utils.errors import UserError
+from utils.poison import backdoor_test_set, check_pratio
+from utils.record import (RECORD_FILE, StagedFolder, clean_state_dict, find_record, load_record, load_torch_file, portable_path,
+                          save_torch, write_csv, write_json, write_text)
+from utils.robustness import (NONE, add_record_options, build_loaded_model, check_tag, find_clean_record, load_source_state,
+                              source_folder, tagged)
+from utils.victim import device_name, rebuild_experiment, versions
+
+DEFAULT_HIDDEN = 512
+
+
+# --- the generator ----------------------------------------------------------------------------
+
+class PerturbationGenerator(nn.Module):
+    """MLP autoencoder on the flattened image: D -> hidden -> hidden/4 -> hidden -> D, ReLU between,
+    output `eps * tanh(.)` reshaped to the image. Works on images in [0, 1] (eps in the same units).
+    Weights are drawn from a CPU generator seeded with `seed`, so the same seed gives the same
+    generator on every device and the global RNG is never touched."""
+
+    def __init__(self, shape: Sequence[int], hidden: int = DEFAULT_HIDDEN, eps: float = 16 / 255, seed: int = 0):
+        super().__init__()
+        if hidden < 1 or eps <= 0:
+            raise UserError(f"the generator needs hidden >= 1 and eps > 0, got hidden {hidden}, eps {eps}")
+        self.shape = tuple(int(s) for s in shape)
+        self.eps = float(eps)
+        dim = math.prod(self.shape)
+        widths = [dim, hidden, max(1, hidden // 4), hidden, dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.utils.skip_init(nn.Linear, a, b))  # no default init: it would draw from the global RNG
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        gen = engine.make_generator(seed, torch.device("cpu"), "qra-generator-init")
+        with torch.no_grad():
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):  # the range of PyTorch's default Linear init
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-bound, bound, generator=gen)
+                    layer.bias.uniform_(-bound, bound, generator=gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """δ(x) for images `x` (N, C, H, W) in [0, 1]: float32, |δ| <= eps (tanh and the scaling run in
+        float32 even under autocast, so a low-precision rounding can never push it past eps)."""
+        h = self.net(x.reshape(len(x), -1))
+        return (self.eps * torch.tanh(h.float())).view(len(x), *self.shape)
+
+    def perturb(self, x: torch.Tensor) -> torch.Tensor:
+        """x + δ(x), clipped to [0, 1]."""
+        return (x.float() + self(x)).clamp(0.0, 1.0)
+
+
+# --- frozen models on float images ------------------------------------------------------------
+
+@dataclass
+class FrozenModel:
+    """A model in eval mode with frozen weights and the pipeline whose normalisation it expects;
+    `logits` takes float images in [0, 1] and stays differentiable with respect to them."""
+
+    model: nn.Module
+    pipeline: engine.Pipeline
+
+    def __post_init__(self):
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def logits(self, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
+        pipe = self.pipeline
+        z = (x - pipe.mean) / pipe.std
+        if pipe.input_size != z.shape[-1]:
+            z = F.interpolate(z, size=(pipe.input_size, pipe.input_size), mode="bilinear", align_corners=False)
+        if pipe.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            out = self.model(z)
+        return out.float()
+
+
+@torch.no_grad()
+def predict(net: FrozenModel, images_u8: torch.Tensor, generator: PerturbationGenerator | None = None,
+            batch_size: int = 0, amp: torch.dtype | None = None) -> torch.Tensor:
+    """Predicted labels for uint8 images, perturbed by `generator` when given."""
+    batch_size = engine.eval_batch_size(batch_size, images_u8.device)
+    if generator is not None:
+        generator.eval()
+    out = []
+    for start in range(0, len(images_u8), batch_size):
+        x = images_u8[start:start + batch_size].float() / 255.0
+        if generator is not None:
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+                x = generator.perturb(x)
+        out.append(net.logits(x, amp).argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images_u8.device)
+
+
+def evaluate(net: FrozenModel, clean_test: ImageSet, bd_test, generator: PerturbationGenerator | None = None,
+             batch_size: int = 0, amp: torch.dtype | None = None) -> dict[str, float]:
+    """C-Acc on the clean test set, ASR and RA on the backdoor test set, each image perturbed by
+    `generator` when given."""
+    def rate(pred, labels):
+        return float((pred == labels).float().mean()) if len(labels) else float("nan")
+
+    clean_pred = predict(net, clean_test.images, generator, batch_size, amp)
+    bd_pred = predict(net, bd_test.images, generator, batch_size, amp)
+    return {"clean_acc": rate(clean_pred, clean_test.labels), "asr": rate(bd_pred, bd_test.targets),
+            "ra": rate(bd_pred, bd_test.true_labels)}
+
+
+# --- training data and training ---------------------------------------------------------------
+
+@dataclass
+class AttackSamples:
+    """QRA's training set: `images` uint8, `labels` the true labels, `targets` the backdoor label
+    of the poisoned ones (the true label elsewhere), `poisoned` a bool mask."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+    poisoned: torch.Tensor
+
+    def to(self, device: torch.device) -> "AttackSamples":
+        return AttackSamples(*(t.to(device) for t in (self.images, self.labels, self.targets, self.poisoned)))
+
+
+def draw_samples(train: ImageSet, trigger, target: int, label_trans: str, num_classes: int, n_clean: int, n_poison: int,
+                 seed: int) -> AttackSamples:
+    """A seeded draw of `n_clean` clean images and `n_poison` other images with the test-time trigger
+    (for all2one only non-target images, as in the backdoor test set); the two groups are disjoint.
+    Fewer are taken, with a warning, when the training set is too small."""
+    labels = train.labels
+    gen = engine.make_generator(seed, torch.device("cpu"), "qra-samples")
+    order = torch.randperm(len(labels), generator=gen)
+    clean_idx = order[:n_clean]
+    rest = order[n_clean:]
+    if label_trans == "all2one":
+        rest = rest[labels[rest] != target]
+    poison_idx = rest[:n_poison]
+    if len(clean_idx) < n_clean or len(poison_idx) < n_poison:
+        warnings.warn(f"the training set ({len(labels)} images) holds only {len(clean_idx)} clean and "
+                      f"{len(poison_idx)} poisonable images for QRA's {n_clean} + {n_poison}", stacklevel=2)
+    if len(poison_idx) == 0:
+        raise UserError(f"no training images left to poison after {len(clean_idx)} clean ones; lower --n_clean")
+    bd = backdoor_test_set(train.images[poison_idx], labels[poison_idx], trigger, target, label_trans, num_classes)
+    n_c = len(clean_idx)
+    return AttackSamples(
+        images=torch.cat([train.images[clean_idx], bd.images]),
+        labels=torch.cat([labels[clean_idx], bd.true_labels]),
+        targets=torch.cat([labels[clean_idx], bd.targets]),
+        poisoned=torch.cat([torch.zeros(n_c, dtype=torch.bool), torch.ones(len(bd.targets), dtype=torch.bool)]),
+    )
+
+
+@dataclass
+class QRASettings:
+    eps: float = 16 / 255  # in [0, 1] pixel units
+    alpha_qra: float = 0.2
+    epochs: int = 50
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 128
+    hidden: int = DEFAULT_HIDDEN
+    seed: int = 0
+    progress: bool = True
+
+
+def train_generator(purified: FrozenModel, retuned: FrozenModel, clean: FrozenModel, samples: AttackSamples,
+                    settings: QRASettings, amp: torch.dtype | None = None) -> tuple[PerturbationGenerator, list[dict]]:
+    """Fit a PerturbationGenerator to `samples` (on the models' device). Returns it and one row per
+    epoch: mean loss terms, and on the epoch's perturbed training batches the purified model's and
+    the clean model's ASR on the poisoned samples, the clean model's accuracy, and how often the
+    purified model's prediction equals the retuned model's."""
+    device = samples.images.device
+    n = len(samples.labels)
+    generator = PerturbationGenerator(samples.images.shape[1:], settings.hidden, settings.eps, settings.seed).to(device)
+    optimizer = torch.optim.SGD(generator.parameters(), lr=settings.lr, momentum=settings.momentum)
+    order_gen = engine.make_generator(settings.seed, device, "qra-batches")
+    with torch.no_grad():  # the teacher is frozen and its inputs fixed: its log-probabilities once
+        teacher = torch.cat([F.log_softmax(retuned.logits(samples.images[i:i + 512].float() / 255.0, amp), 1)
+                             for i in range(0, n, 512)])
+    teacher_pred = teacher.argmax(1)
+    n_poison = max(int(samples.poisoned.sum()), 1)
+    rows = []
+    for epoch in tqdm(range(1, settings.epochs + 1), desc="qra", unit="epoch", leave=False, disable=not settings.progress):
+        generator.train()
+        sums = torch.zeros(7, device=device)  # loss, ce, kl, asr purified, asr clean, acc clean, imitation
+        start = time.perf_counter()
+        for idx in engine.index_batches(n, settings.batch_size, True, order_gen, device):
+            x = samples.images[idx].float() / 255.0
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                x_adv = generator.perturb(x)
+            p_logits = purified.logits(x_adv, amp)
+            c_logits = clean.logits(x_adv, amp)
+            kl = F.kl_div(F.log_softmax(p_logits, 1), teacher[idx], reduction="batchmean", log_target=True)
+            ce = F.cross_entropy(c_logits, samples.labels[idx])
+            loss = ce + settings.alpha_qra * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                b = len(idx)
+                pois = samples.poisoned[idx]
+                tgt = samples.targets[idx]
+                p_pred, c_pred = p_logits.argmax(1), c_logits.argmax(1)
+                sums += torch.stack([loss.detach() * b, ce.detach() * b, kl.detach() * b,
+                                     ((p_pred == tgt) & pois).sum(), ((c_pred == tgt) & pois).sum(),
+                                     (c_pred == samples.labels[idx]).sum(), (p_pred == teacher_pred[idx]).sum()]).float()
+        s = sums.tolist()
+        rows.append({"epoch": epoch, "loss": s[0] / n, "ce_clean": s[1] / n, "kl": s[2] / n,
+                     "train_asr_purified": s[3] / n_poison, "train_asr_clean": s[4] / n_poison,
+                     "train_acc_clean": s[5] / n, "imitation": s[6] / n, "seconds": time.perf_counter() - start})
+    generator.eval()
+    return generator, rows
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Query-based reactivation attack (QRA) on a purified model: learn an "
+                                            "input perturbation that makes it behave like its retuned version.")
+    add_record_options(p)
+    a = p.add_argument
+    a("--defense_type", default="fst", help="purification under defense/ to attack, or none for the record's own model (default fst)")
+    a("--retune_tag", default="", help="tag of the retuning run (ft_poison.py --tag) whose model is imitated (default none)")
+    a("--clean_record", default=None, help="record folder of the clean reference model (default: the pratio-0 record of "
+                                           "the same dataset and architecture)")
+    a("--eps", type=float, default=16.0, help="L-inf bound of the perturbation in pixels out of 255 (default 16)")
+    a("--alpha_qra", type=float, default=0.2, help="weight of the KL imitation term (default 0.2)")
+    a("--n_clean", type=int, default=500, help="clean training images (default 500)")
+    a("--n_poison", type=int, default=500, help="poisoned training images (default 500)")
+    a("--epochs", type=int, default=50, help="generator training epochs (default 50)")
+    a("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    a("--batch_size", type=int, default=128, help="training batch size (default 128)")
+    a("--hidden", type=int, default=DEFAULT_HIDDEN, help=f"width of the generator MLP (bottleneck a quarter of it; default {DEFAULT_HIDDEN})")
+    a("--random_seed", type=int, default=0, help="seed of the sample draw, generator init and batch order (default 0)")
+    a("--tag", default="", help="write to qra_<tag>/ instead of qra/")
+    a("--overwrite", type=parse_bool, default=False, help="replace an existing result (default false)")
+    a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
+    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
+    a("--eval_batch_size", type=int, default=0, help="evaluation batch size (default 0: 1024 on GPU, 256 on CPU)")
+    a("--progress", type=parse_bool, default=True, help="show progress bars")
+    return p
+
+
+def _settle_args(args: argparse.Namespace) -> None:
+    """Check every value before any work starts."""
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if args.model not in models.model_names():
+        raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
+    get_attack(args.attack)
+    check_pratio(args.pratio)
+    check_tag(args.tag)
+    if args.retune_tag and not all(c.isalnum() or c in "-_." for c in args.retune_tag):
+        raise UserError(f"--retune_tag {args.retune_tag!r} may hold only letters, digits, '-', '_' and '.'")
+    if not 0 < args.eps <= 255:
+        raise UserError(f"--eps must be within (0, 255] (pixels out of 255), got {args.eps}")
+    if args.n_clean < 1 or args.n_poison < 1:
+        raise UserError(f"--n_clean and --n_poison must be at least 1, got {args.n_clean} and {args.n_poison}")
+    if args.epochs < 1 or args.batch_size < 1 or args.hidden < 1:
+        raise UserError(f"--epochs, --batch_size and --hidden must be positive, got {args.epochs}, {args.batch_size}, {args.hidden}")
+    if args.eval_batch_size < 0:
+        raise UserError(f"--eval_batch_size must be 0 or positive, got {args.eval_batch_size}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise UserError(f"--momentum must be within [0, 1), got {args.momentum}")
+    if args.alpha_qra < 0:
+        raise UserError(f"--alpha_qra must be 0 or positive, got {args.alpha_qra}")
+
+
+def _record_label(folder: Path, root: str) -> str:
+    """dataset/attack/name for a record under the record root, else a portable path."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return portable_path(str(folder))
+
+
+def _check_records(record: dict, clean_rec: dict, args: argparse.Namespace, folder: Path, clean_folder: Path) -> None:
+    for key, wanted in (("dataset", args.dataset), ("model_name", args.model), ("attack", args.attack)):
+        if record[key] != wanted:
+            raise UserError(f"{folder}: the record is for {key.replace('_name', '')} {record[key]!r}, not {wanted!r}")
+    for key in ("dataset", "model_name", "num_classes", "in_channels", "image_size"):
+        if clean_rec[key] != record[key]:
+            raise UserError(f"clean record {clean_folder} has {key.replace('_name', '')} {clean_rec[key]!r} but the "
+                            f"record has {record[key]!r}; pass a matching --clean_record")
+    if clean_rec["pratio"] != 0:
+        warnings.warn(f"clean record {clean_folder} was trained with pratio {clean_rec['pratio']}, not 0", stacklevel=2)
+
+
+def format_table(before: dict, after: dict) -> str:
+    """Model x (C-Acc, ASR) without and with δ, in percent."""
+    head = f"{'model':<10} {'C-Acc':>7} {'ASR':>7}   {'C-Acc+δ':>8} {'ASR+δ':>7}"
+    lines = [head, "-" * len(head)]
+    for name in ("retuned", "purified", "clean"):
+        b, a = before[name], after.get(name)
+        right = f"{100 * a['clean_acc']:8.2f} {100 * a['asr']:7.2f}" if a else f"{'-':>8} {'-':>7}"
+        lines.append(f"{name:<10} {100 * b['clean_acc']:7.2f} {100 * b['asr']:7.2f}   {right}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run QRA from command-line flags; returns {"before", "after", "folder"}."""
+    args = build_parser().parse_args(argv)
+    _settle_args(args)
+    folder = find_record(args.record_root, args.dataset, args.attack, args.pratio, args.attack_target, args.model)
+    record = load_record(folder)
+    source = source_folder(folder, args.defense_type)
+    purified_state = load_source_state(record, folder, args.defense_type)
+    retune_path = source / tagged("retune", args.retune_tag) / "model.pt"
+    if not retune_path.is_file():
+        tag_flag = f" --tag {args.retune_tag}" if args.retune_tag else ""
+        raise UserError(f"no retuned model at {retune_path}; run fine_tune/ft_poison.py with the same record flags and "
+                        f"--defense_type {args.defense_type}{tag_flag} first")
+    clean_folder = find_clean_record(args.record_root, args.dataset, args.model, args.attack, args.attack_target, args.clean_record)
+    clean_rec = load_record(clean_folder)
+    _check_records(record, clean_rec, args, folder, clean_folder)
+    staged = StagedFolder(source / tagged("qra", args.tag), args.overwrite, "QRA result", "result.json")
+    try:
+        result = _run(args, folder, record, source, purified_state, retune_path, clean_folder, clean_rec, staged)
+    except BaseException:
+        staged.abort()
+        raise
+    return result
+
+
+def _run(args, folder, record, source, purified_state, retune_path, clean_folder, clean_rec, staged) -> dict:
+    engine.configure_threads()
+    device = engine.resolve_device(args.device)
+    amp = engine.amp_dtype(args.amp, device)
+    start = time.perf_counter()
+    exp = rebuild_experiment(record, args.dataset_path, device)
+    pipe = exp.pipeline
+    source_name = str(source / "model.pt") if args.defense_type != NONE else str(folder / RECORD_FILE)
+    purified = FrozenModel(build_loaded_model(record, purified_state, source_name, pipe, device), pipe)
+    retuned = FrozenModel(build_loaded_model(record, load_torch_file(retune_path, "retuned model"), str(retune_path),
+                                             pipe, device), pipe)
+    clean_pipe = engine.Pipeline.for_dataset(exp.info, device, clean_rec.get("input_size") or None)
+    clean = FrozenModel(build_loaded_model(clean_rec, clean_rec["model"], str(clean_folder / RECORD_FILE), clean_pipe, device),
+                        clean_pipe)
+    trigger = make_trigger(get_attack(record["attack"]), exp.trigger_params, False)
+    samples = draw_samples(exp.clean_train, trigger, record["attack_target"], record["attack_label_trans"],
+                           exp.info.num_classes, args.n_clean, args.n_poison, args.random_seed).to(device)
+    n_poison = int(samples.poisoned.sum())
+    n_clean = len(samples.labels) - n_poison
+    print(f"QRA on {folder} (defense {args.defense_type}, retuned model {retune_path.parent.name}), clean reference "
+          f"{clean_folder}; {n_clean} clean + {n_poison} poisoned images, eps {args.eps:g}/255, device {device_name(device)}",
+          flush=True)
+
+    def evaluate_all(nets: dict[str, FrozenModel], generator=None) -> dict[str, dict]:
+        return {k: evaluate(v, exp.clean_test, exp.bd_test, generator, args.eval_batch_size, amp) for k, v in nets.items()}
+
+    before = evaluate_all({"retuned": retuned, "purified": purified, "clean": clean})
+    settings = QRASettings(eps=args.eps / 255.0, alpha_qra=args.alpha_qra, epochs=args.epochs, lr=args.lr,
+                           momentum=args.momentum, batch_size=args.batch_size, hidden=args.hidden, seed=args.random_seed,
+                           progress=args.progress)
+    generator, rows = train_generator(purified, retuned, clean, samples, settings, amp)
+    after = evaluate_all({"purified": purified, "clean": clean}, generator)
+    seconds = time.perf_counter() - start
+
+    arguments = {k: portable_path(v) if k in ("dataset_path", "record_root", "clean_record") and v else v
+                 for k, v in vars(args).items()}
+    out = staged.stage
+    write_json(out / "result.json", {
+        "record": f"{record['dataset']}/{record['attack']}/{folder.name}", "defense_type": args.defense_type,
+        "retuned_model": tagged("retune", args.retune_tag), "clean_record": _record_label(clean_folder, args.record_root),
+        "settings": {**{k: v for k, v in asdict(settings).items() if k != "progress"}, "eps_pixels": args.eps, "n_clean": n_clean, "n_poison": n_poison,
+                     "amp": str(amp).replace("torch.", "") if amp else "none"},
+        "before": before, "after": after, "seconds": round(seconds, 2), "device": device_name(device),
+        "versions": versions(), "args": arguments,
+    })
+    write_csv(out / "metrics.csv", rows)
+    write_text(out / "config.yaml", dump_yaml(arguments))
+    save_torch(out / "generator.pt", clean_state_dict(generator.state_dict()))
+    staged.commit()
+    print()
+    print(format_table(before, after))
+    gap = after["purified"]["asr"] - after["clean"]["asr"]
+    print(f"ASR with δ: purified {100 * after['purified']['asr']:.2f}, clean {100 * after['clean']['asr']:.2f} "
+          f"(gap {100 * gap:.2f}); results in {staged.final}")
+    return {"before": before, "after": after, "folder": str(staged.final)}

@@ -1,0 +1,264 @@
+"""`fine_tune/ft_poison.py`: the retuning attack (RA, REFERENCE §6).
+
+A purified model is fine-tuned on the *same* clean tuning subset its purification used (recomputed
+from the purification's stored split ratio, seed and split mode, and checked against its digest),
+with `--poison_num` of those samples replaced by real poisoned training samples labelled as the
+backdoor target: SGD, lr 0.01, momentum 0.9, no schedule, 5 epochs. A superficially purified model
+regains its backdoor; a clean model (the pratio-0 record) does not, and the unpurified model
+(`--defense_type none`) gives the other reference.
+
+The poisoned samples are the record's own: images of its poisoned training set at its poisoned
+indices. A record without them (a clean pratio-0 record, or an attack that poisons inside each batch
+such as WaNet and Input-aware) gets them made the same way the attack made its training samples:
+its training trigger applied to training images of eligible classes, relabelled as the attack does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from utils import engine
+from utils.attacks import get_attack, make_trigger
+from utils.config import dump_yaml, parse_bool
+from utils.errors import UserError
+from utils.poison import backdoor_labels, check_pratio
+from utils.purify import DATASET_DEFAULTS
+from utils.record import StagedFolder, clean_state_dict, find_record, load_record, portable_path, save_torch, write_csv, write_json, write_text
+from utils.resources import tensor_digest
+from utils.robustness import (NONE, add_record_options, available_defenses, build_loaded_model, check_tag, load_source_state,
+                              source_folder, tagged)
+from utils.victim import Experiment, device_name, evaluate_experiment, rebuild_experiment, versions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Retuning attack: fine-tune a purified model on its tuning set with a few "
+                                            "poisoned samples and measure whether the backdoor returns.")
+    a = p.add_argument
+    add_record_options(p)
+    a("--defense_type", default="fst",
+      help="which model: a folder under defense/ (fst, ft, pam, fst_<tag>, ...), none (the record's unpurified model), "
+           "a comma-separated list, or all (every purified model with weights, and none) (default fst)")
+    a("--poison_num", type=int, default=5, help="tuning samples replaced by poisoned training samples (default 5)")
+    a("--epochs", type=int, default=5, help="retuning epochs (default 5)")
+    a("--lr", type=float, default=0.01, help="learning rate, constant (default 0.01)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    a("--batch_size", type=int, default=128, help="batch size (default 128)")
+    a("--random_seed", type=int, default=None,
+      help="seed of the poisoned-sample choice and the batch order (default: the purification's seed; 0 for none)")
+    a("--split_ratio", type=float, default=None,
+      help="--defense_type none only: tuning fraction (default: the dataset's, 0.02 for cifar10/fmnist); a purified "
+           "model always reuses its purification's subset")
+    a("--split_mode", default=None, choices=("uniform", "balanced"), help="--defense_type none only (default uniform)")
+    a("--save", type=parse_bool, nargs="?", const=True, default=True, help="save the retuned weights as model.pt (default true; qra.py needs them)")
+    a("--tag", default="", help="write to retune_<tag>/ instead of retune/")
+    a("--overwrite", type=parse_bool, default=False, help="replace an existing retuning result of the same tag")
+    a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
+    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
+    a("--eval_batch_size", type=int, default=0, help="evaluation batch size (default 0: automatic)")
+    a("--progress", type=parse_bool, default=True, help="show progress bars")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    check_pratio(args.pratio)
+    check_tag(args.tag)
+    if args.poison_num < 0:
+        raise UserError(f"--poison_num must be 0 or positive, got {args.poison_num}")
+    if args.epochs < 1 or args.batch_size < 1 or args.eval_batch_size < 0:
+        raise UserError("--epochs and --batch_size must be positive, --eval_batch_size 0 or positive")
+    if args.lr <= 0 or not 0.0 <= args.momentum < 1.0:
+        raise UserError("--lr must be positive and --momentum within [0, 1)")
+    if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
+        raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
+
+
+def defense_types(text: str, record_folder: Path) -> list[str]:
+    if text == "all":
+        return available_defenses(record_folder) + [NONE]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UserError("--defense_type is empty")
+    return list(dict.fromkeys(names))
+
+
+def tuning_plan(args: argparse.Namespace, record_folder: Path, defense_type: str) -> dict:
+    """Split ratio, seed and mode of the tuning subset (and the digest to check it against): the
+    purification's own for a purified model, the flags (or defaults) for `none`."""
+    if defense_type == NONE:
+        split = args.split_ratio if args.split_ratio is not None else DATASET_DEFAULTS[args.dataset][0]
+        return {"split_ratio": split, "random_seed": 0 if args.random_seed is None else args.random_seed,
+                "split_mode": args.split_mode or "uniform", "digest": None}
+    if args.split_ratio is not None or args.split_mode is not None:
+        raise UserError("--split_ratio and --split_mode apply only to --defense_type none: a purified model is "
+                        "retuned on the subset its purification used")
+    path = source_folder(record_folder, defense_type) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+        used = result["args"]
+        plan = {"split_ratio": float(used["split_ratio"]), "random_seed": int(used["random_seed"]),
+                "split_mode": used.get("split_mode", "uniform"), "digest": result.get("tuning_digest")}
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: no purification result for --defense_type {defense_type}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a readable purification result ({type(err).__name__}: {err})") from None
+    return plan
+
+
+def poisoned_samples(exp: Experiment, record: dict, count: int, seed: int) -> dict:
+    """`count` poisoned training samples (uint8 images on the device, labels): a seeded choice among
+    the record's poisoned training samples, or made with the attack's training trigger when the
+    record has too few (see the module docstring)."""
+    gen = torch.Generator().manual_seed(engine.derive_seed(seed, "retune-poison"))
+    pool = exp.poison_indices.cpu()
+    if count == 0:
+        empty = exp.train.images[:0]
+        return {"images": empty, "labels": exp.train.labels[:0], "train_indices": [], "made": False}
+    if len(pool) >= count:
+        chosen = pool[torch.randperm(len(pool), generator=gen)[:count]].sort().values
+        idx = chosen.to(exp.device)
+        return {"images": exp.train.images[idx], "labels": exp.train.labels[idx], "train_indices": chosen.tolist(),
+                "made": False}
+    spec = get_attack(record["attack"])
+    true = exp.train.true_labels.cpu()
+    target = record["attack_target"]
+    clean = ~exp.train.poison_mask.cpu()
+    if spec.clean_label:
+        eligible = clean & (true == target)
+    elif record["attack_label_trans"] == "all2one":
+        eligible = clean & (true != target)
+    else:
+        eligible = clean
+    pool = torch.nonzero(eligible).flatten()
+    if len(pool) < count:
+        raise UserError(f"--poison_num {count} exceeds the {len(pool)} training images eligible for poisoning")
+    chosen = pool[torch.randperm(len(pool), generator=gen)[:count]].sort().values
+    idx = chosen.to(exp.device)
+    images = make_trigger(spec, exp.trigger_params, True)(exp.train.images[idx])
+    labels = exp.train.true_labels[idx]
+    if not spec.clean_label:
+        labels = backdoor_labels(labels, target, record["attack_label_trans"], exp.info.num_classes)
+    return {"images": images, "labels": labels, "train_indices": chosen.tolist(), "made": True}
+
+
+def retuning_set(exp: Experiment, record: dict, plan: dict, poison_num: int, seed: int) -> dict:
+    """The purification's tuning subset with `poison_num` seeded positions replaced by poisoned samples."""
+    from utils.finetune import tuning_set
+
+    tune_idx = tuning_set(exp.clean_train.labels, argparse.Namespace(**plan))
+    digest = tensor_digest(tune_idx)
+    if plan["digest"] is not None and plan["digest"] != digest:
+        raise UserError("the recomputed tuning subset differs from the one the purification used "
+                        f"(digest {digest} vs {plan['digest']}): the dataset on disk changed")
+    if poison_num > len(tune_idx):
+        raise UserError(f"--poison_num {poison_num} exceeds the tuning subset of {len(tune_idx)} images")
+    images = exp.clean_train.images[tune_idx].to(exp.device)
+    labels = exp.clean_train.labels[tune_idx].to(exp.device)
+    poison = poisoned_samples(exp, record, poison_num, seed)
+    gen = torch.Generator().manual_seed(engine.derive_seed(seed, "retune-positions"))
+    positions = torch.randperm(len(tune_idx), generator=gen)[:poison_num].sort().values
+    pos = positions.to(exp.device)
+    images[pos] = poison["images"]
+    labels[pos] = poison["labels"]
+    return {"images": images, "labels": labels, "tuning_indices": tune_idx, "digest": digest,
+            "positions": positions.tolist(), **{k: poison[k] for k in ("train_indices", "made")}}
+
+
+def retune(model, data: dict, exp: Experiment, args: argparse.Namespace, seed: int, amp, evaluate) -> list[dict]:
+    """Plain SGD with a constant learning rate on the retuning set; one metrics row per epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=0.0)
+    gen = engine.make_generator(seed, exp.device, "retune-order")
+    rows = []
+    for epoch in range(1, args.epochs + 1):
+        stats = engine.train_epoch(model, data["images"], data["labels"], exp.pipeline, optimizer, args.batch_size, gen,
+                                   amp=amp, desc=f"retune {epoch}/{args.epochs}", progress=args.progress)
+        rows.append({"epoch": epoch, "lr": args.lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                     **evaluate(model)})
+    return rows
+
+
+def format_table(results: dict[str, dict]) -> str:
+    head = f"{'model':<16} {'C-Acc':>7} {'ASR':>7} {'RA':>7}   {'C-Acc':>7} {'ASR':>7} {'RA':>7}"
+    lines = [f"{'':<16} {'before retuning':^23}   {'after retuning':^23}", head, "-" * len(head)]
+    pct = lambda v: f"{100 * v:7.2f}"  # noqa: E731
+    for name, r in results.items():
+        b, a = r["before"], r["after"]
+        lines.append(f"{name:<16} {pct(b['clean_acc'])} {pct(b['asr'])} {pct(b['ra'])}   "
+                     f"{pct(a['clean_acc'])} {pct(a['asr'])} {pct(a['ra'])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    folder = find_record(args.record_root, args.dataset, args.attack, args.pratio, args.attack_target, args.model)
+    record = load_record(folder)
+    for key, wanted in (("dataset", args.dataset), ("model_name", args.model), ("attack", args.attack)):
+        if record[key] != wanted:
+            raise UserError(f"{folder}: the record is for {key.replace('_name', '')} {record[key]!r}, not {wanted!r}")
+    types = defense_types(args.defense_type, folder)
+    # everything that can be checked without training is checked before any work starts
+    states = {t: load_source_state(record, folder, t) for t in types}
+    plans = {t: tuning_plan(args, folder, t) for t in types}
+    staged = {t: StagedFolder(source_folder(folder, t) / tagged("retune", args.tag), args.overwrite, "retuning result",
+                              "result.json") for t in types}
+    try:
+        return _run(args, record, folder, plans, states, staged)
+    except BaseException:
+        for s in staged.values():
+            s.abort()
+        raise
+
+
+def _run(args, record, folder, plans, states, staged) -> dict[str, dict]:
+    engine.configure_threads()
+    device = engine.resolve_device(args.device)
+    amp = engine.amp_dtype(args.amp, device)
+    exp = rebuild_experiment(record, args.dataset_path, device)
+
+    def evaluate(net):
+        return evaluate_experiment(net, exp, args.eval_batch_size, amp)
+
+    print(f"record {folder}: {record['attack']} on {record['dataset']}/{record['model_name']}, pratio {record['pratio']}; "
+          f"device {device_name(device)}", flush=True)
+    results = {}
+    for name, plan in plans.items():
+        seed = plan["random_seed"] if args.random_seed is None else args.random_seed
+        source = source_folder(folder, name)
+        model = build_loaded_model(record, states[name], str(source), exp.pipeline, device)
+        data = retuning_set(exp, record, plan, args.poison_num, seed)
+        before = evaluate(model)
+        print(f"[{name}] {len(data['tuning_indices'])} tuning images (split_ratio {plan['split_ratio']}, seed "
+              f"{plan['random_seed']}, {plan['split_mode']}), {args.poison_num} replaced by "
+              f"{'made' if data['made'] else 'recorded'} poisoned samples; before: C-Acc {before['clean_acc']:.4f}  "
+              f"ASR {before['asr']:.4f}", flush=True)
+        start = time.perf_counter()
+        rows = retune(model, data, exp, args, seed, amp, evaluate)
+        after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")}
+        out = staged[name]
+        arguments = {k: portable_path(v) if k in ("dataset_path", "record_root") else v for k, v in vars(args).items()}
+        arguments["defense_type"] = name
+        write_json(out.stage / "result.json", {
+            "attack": "retune", "defense_type": name, "record": f"{record['dataset']}/{record['attack']}/{folder.name}",
+            "before": before, "after": after, "poison_num": args.poison_num, "seed": seed,
+            "tuning": {k: plan[k] for k in ("split_ratio", "random_seed", "split_mode")},
+            "tuning_size": len(data["tuning_indices"]), "tuning_digest": data["digest"],
+            "replaced_positions": data["positions"], "poison_train_indices": data["train_indices"],
+            "poison_made": data["made"], "seconds": round(time.perf_counter() - start, 2), "device": device_name(device),
+            "versions": versions(), "args": arguments,
+        })
+        write_csv(out.stage / "metrics.csv", rows)
+        write_text(out.stage / "config.yaml", dump_yaml(arguments))
+        if args.save:
+            save_torch(out.stage / "model.pt", clean_state_dict(model.state_dict()))
+        out.commit()
+        results[name] = {"before": before, "after": after}
+        print(f"[{name}] after retuning: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
+              f"-> {out.final}", flush=True)
+    print()
+    print(format_table(results))
+    return results
