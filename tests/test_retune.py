@@ -1,0 +1,166 @@
+"""The retuning attack (fine_tune/ft_poison.py) and the new purification modes through ft.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, copy_record
+from utils import finetune, retune, robustness_table
+from utils.errors import UserError
+from utils.record import load_record
+from utils.victim import rebuild_experiment
+
+CPU = torch.device("cpu")
+
+
+def _common(root: Path, data: Path) -> list[str]:
+    return ["--record_root", str(root), "--dataset_path", str(data), "--dataset", "cifar10", "--attack", "badnet",
+            "--model", "smallcnn", "--device", "cpu", "--progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def purified(badnet_record, tiny_cifar10, tmp_path_factory):
+    """A record copy purified with fst (split 0.1, seed 3: not the defaults, so that reusing them is
+    tested) and with ft-sam, bti and pam (tiny settings)."""
+    root = tmp_path_factory.mktemp("retune")
+    folder = copy_record(badnet_record, root)
+    finetune.main(_common(root, tiny_cifar10) + ["--ft_mode", "fst,ft-sam", "--epochs", "1", "--split_ratio", "0.1",
+                                                 "--random_seed", "3"])
+    finetune.main(_common(root, tiny_cifar10) + ["--ft_mode", "bti,pam", "--epochs", "1", "--rounds", "2",
+                                                 "--split_ratio", "0.1", "--bti_pretrain_epochs", "1",
+                                                 "--bti_mask_epochs", "1", "--bti_gen_epochs", "1"])
+    return root, folder, tiny_cifar10
+
+
+def test_new_modes_write_results_like_the_five(purified):
+    root, folder, _ = purified
+    for mode in ("fst", "ft-sam", "bti", "pam"):
+        out = folder / "defense" / mode
+        result = json.loads((out / "result.json").read_text())
+        assert result["ft_mode"] == mode and (out / "metrics.csv").is_file() and (out / "model.pt").is_file()
+        assert 0.0 <= result["after"]["asr"] <= 1.0
+    sam = json.loads((folder / "defense" / "ft-sam" / "result.json").read_text())
+    assert sam["args"]["lb_smooth"] == 0.1 and sam["args"]["sam_rho"] == 2.0  # FT-SAM's own defaults
+    pam = json.loads((folder / "defense" / "pam" / "result.json").read_text())
+    # two rounds of one epoch, each round starting with a trigger inversion
+    assert [r["round"] for r in pam["inversion"]] == [1, 2]
+    assert all(0 <= r["detected_target"] < 10 and 0 < r["target_share"] <= 1 for r in pam["inversion"])
+    assert pam["args"]["momentum"] == 0.1 and pam["args"]["rounds"] == 2
+    lines = (folder / "defense" / "pam" / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["epoch", "round"] and len(lines) == 3
+
+
+def test_retuning_set_changes_only_poison_num_samples_of_the_purification_subset(purified):
+    root, folder, data = purified
+    record = load_record(folder)
+    exp = rebuild_experiment(record, str(data), CPU)
+    plan = retune.tuning_plan(argparse.Namespace(split_ratio=None, split_mode=None, random_seed=None, dataset="cifar10"),
+                              folder, "fst")
+    assert (plan["split_ratio"], plan["random_seed"]) == (0.1, 3)
+    data_set = retune.retuning_set(exp, record, plan, 5, seed=3)
+    used = finetune.tuning_set(exp.clean_train.labels, argparse.Namespace(split_ratio=0.1, random_seed=3,
+                                                                           split_mode="uniform"))
+    assert torch.equal(data_set["tuning_indices"], used)
+    clean_images = exp.clean_train.images[used]
+    clean_labels = exp.clean_train.labels[used]
+    changed = ((data_set["images"] != clean_images).flatten(1).any(1) | (data_set["labels"] != clean_labels))
+    assert sorted(torch.nonzero(changed).flatten().tolist()) == data_set["positions"]
+    assert len(data_set["positions"]) == 5
+    # the replacements are the record's own poisoned training samples, labelled as the target
+    assert not data_set["made"]
+    idx = torch.tensor(data_set["train_indices"])
+    assert set(idx.tolist()) <= set(exp.poison_indices.tolist())
+    pos = torch.tensor(data_set["positions"])
+    assert torch.equal(data_set["images"][pos], exp.train.images[idx])
+    assert (data_set["labels"][pos] == record["attack_target"]).all()
+
+
+def test_poisoned_samples_are_made_when_the_record_has_too_few(purified):
+    _, folder, data = purified
+    record = load_record(folder)
+    exp = rebuild_experiment(record, str(data), CPU)
+    n = len(exp.poison_indices) + 3
+    made = retune.poisoned_samples(exp, record, n, seed=0)
+    assert made["made"] and len(made["labels"]) == n
+    assert (made["labels"] == record["attack_target"]).all()
+    idx = torch.tensor(made["train_indices"])
+    assert (exp.train.true_labels[idx] != record["attack_target"]).all()  # all2one: from other classes
+    assert not set(idx.tolist()) & set(exp.poison_indices.tolist())
+    # BadNet's patch is in the images (they differ from the clean ones only in a small area)
+    diff = (made["images"] != exp.train.images[idx]).flatten(1).float().mean(1)
+    assert (diff > 0).all() and (diff < 0.1).all()
+
+
+def test_ft_poison_cli_end_to_end(purified):
+    root, folder, data = purified
+    results = retune.main(_common(root, data) + ["--defense_type", "fst,none", "--epochs", "2"])
+    fst = json.loads((folder / "defense" / "fst" / "retune" / "result.json").read_text())
+    purification = json.loads((folder / "defense" / "fst" / "result.json").read_text())
+    # "before" is the purified model itself: its metrics are the purification's "after"
+    for key in ("clean_acc", "asr", "ra"):
+        assert fst["before"][key] == pytest.approx(purification["after"][key], abs=1e-6)
+    assert fst["tuning_digest"] == purification["tuning_digest"] and fst["poison_num"] == 5
+    assert len((folder / "defense" / "fst" / "retune" / "metrics.csv").read_text().splitlines()) == 3
+    assert (folder / "defense" / "fst" / "retune" / "model.pt").is_file()
+    none = json.loads((folder / "retune" / "result.json").read_text())
+    assert none["defense_type"] == "none" and none["tuning"]["split_ratio"] == 0.02
+    assert set(results) == {"fst", "none"}
+    # a second run refuses before any work, and keeps the first result
+    stamp = (folder / "defense" / "fst" / "retune" / "result.json").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        retune.main(_common(root, data) + ["--defense_type", "fst"])
+    assert (folder / "defense" / "fst" / "retune" / "result.json").read_bytes() == stamp
+    # the robustness table reads these results; what is missing shows as "-"
+    table = robustness_table.main([str(root), "--dataset", "cifar10", "--model", "smallcnn", "--attacks", "badnet"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    assert rows["FST"] == [pct(purification["after"]["clean_acc"]), pct(purification["after"]["asr"]),
+                           pct(fst["after"]["clean_acc"]), pct(fst["after"]["asr"])]
+    assert rows["no defense"][:2] == [pct(none["before"]["clean_acc"]), pct(none["before"]["asr"])]
+    assert rows["FT"] == ["-"] * 4 and rows["clean model"] == ["-"] * 4
+    assert rows["PAM"][0] != "-" and rows["PAM"][2] == "-"
+
+
+def test_ft_poison_errors(purified, tmp_path):
+    root, folder, data = purified
+    cases = [
+        (["--defense_type", "lp"], "no purified model"),
+        (["--defense_type", "fst", "--split_ratio", "0.5", "--tag", "x"], "apply only to --defense_type none"),
+        (["--defense_type", "fst", "--poison_num", "-1"], "--poison_num"),
+        (["--defense_type", "fst", "--poison_num", "1000", "--tag", "big"], "exceeds"),
+        (["--defense_type", "../x"], "not a folder name"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=message):
+            retune.main(_common(root, data) + extra)
+    assert not list((folder / "defense" / "fst").glob("retune_*")), "a failed run left a folder behind"
+    # a purification without weights, and a changed tuning subset, are named as such
+    nosave = folder / "defense" / "ft-sam"
+    (nosave / "model.pt").rename(tmp_path / "model.pt")
+    try:
+        with pytest.raises(UserError, match="--save false"):
+            retune.main(_common(root, data) + ["--defense_type", "ft-sam"])
+    finally:
+        (tmp_path / "model.pt").rename(nosave / "model.pt")
+    result_path = folder / "defense" / "bti" / "result.json"
+    original = result_path.read_text()
+    result_path.write_text(original.replace(json.loads(original)["tuning_digest"], "0" * 16))
+    try:
+        with pytest.raises(UserError, match="differs from the one the purification used"):
+            retune.main(_common(root, data) + ["--defense_type", "bti", "--tag", "digest"])
+    finally:
+        result_path.write_text(original)
+
+
+def test_ft_poison_script_exit_code(purified):
+    root, _, data = purified
+    proc = subprocess.run([sys.executable, "fine_tune/ft_poison.py", *_common(root, data), "--defense_type", "nope"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: no purified model") and "Traceback" not in proc.stderr
