@@ -7,6 +7,7 @@
 #   bash sh/robustness_fmnist.sh                       # everything, into record/robustness_fmnist/
 #   UNLEARN_EPOCHS=30 bash sh/robustness_fmnist.sh     # PAM's full 3 x 30 epochs (default 3 x 5 on a CPU)
 #   QRA=1 bash sh/robustness_fmnist.sh                 # also the query-based reactivation attack on fst and pam
+#   MODES="ft fst" bash sh/robustness_fmnist.sh        # only these purification modes
 #   RECORD_ROOT=/tmp/r DEVICE=cuda:0 bash sh/robustness_fmnist.sh
 #
 # Finished steps are skipped, so a killed run is resumed by starting it again; a failed step is
@@ -18,6 +19,7 @@ ROOT=${RECORD_ROOT:-record/robustness_fmnist}
 DEVICE=${DEVICE:-auto}
 UNLEARN_EPOCHS=${UNLEARN_EPOCHS:-5}
 QRA=${QRA:-0}
+read -r -a MODES <<<"${MODES:-ft fst ft-sam bti pam}"
 PROTO=config/attack/prototype/fmnist.yaml
 COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
 mkdir -p "$ROOT/logs"
@@ -42,7 +44,7 @@ for attack in badnet blended; do
       --progress false
   done
   rec=$(record "$attack" 0.1)
-  for mode in ft fst ft-sam bti pam; do
+  for mode in "${MODES[@]}"; do
     extra=()
     case $mode in bti|pam) extra=(--epochs "$UNLEARN_EPOCHS");; esac
     run "$attack-$mode" "$rec/defense/$mode/result.json" \
@@ -56,6 +58,7 @@ for attack in badnet blended; do
     "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio 0.0 --defense_type none
   if [ "$QRA" = 1 ]; then
     for mode in fst pam; do
+      [ -f "$rec/defense/$mode/retune/model.pt" ] || continue
       run "$attack-$mode-qra" "$rec/defense/$mode/qra/result.json" \
         "$PYTHON" fine_tune/qra.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --defense_type "$mode"
     done
