@@ -3,7 +3,7 @@ PGD images, LF's universal pattern).
 
 Images are handled as float tensors in pixel units (0..255), so that every bound and step size an
 attack exposes reads as "pixels out of 255". `surrogate_logits` repeats the surrogate pipeline's
-evaluation transform (scale to [0, 1], normalise with its mean/std, resize to its input size,
+evaluation transform (`Pipeline.float_batch`: scale to [0, 1], normalise, resize to its input size,
 channels-last where the pipeline uses it) with differentiable operations.
 """
 from __future__ import annotations
@@ -18,12 +18,7 @@ from utils import engine
 
 def surrogate_logits(surrogate, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
     """Float32 logits of the surrogate for a float batch `x` in pixel units (N, C, H, W)."""
-    pipe: engine.Pipeline = surrogate.pipeline
-    z = (x / 255.0 - pipe.mean.to(x.device)) / pipe.std.to(x.device)
-    if pipe.input_size != z.shape[-1]:
-        z = F.interpolate(z, size=(pipe.input_size, pipe.input_size), mode="bilinear", align_corners=False)
-    if pipe.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
+    z = surrogate.pipeline.float_batch(x / 255.0)
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         logits = surrogate.model(z)
     return logits.float()

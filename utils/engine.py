@@ -108,13 +108,21 @@ class Pipeline:
         return cls(mean, std, input_size or info.image_size, info.image_size, info.flip,
                    channels_last=channels_last)
 
-    def _finish(self, x_u8: torch.Tensor) -> torch.Tensor:
-        x = x_u8.float().div_(255.0).sub_(self.mean).div_(self.std)
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size != x.shape[-1]:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _finish(self, x_u8: torch.Tensor) -> torch.Tensor:
+        # in place on the fresh float copy: no extra allocations on the training hot path
+        return self._layout(x_u8.float().div_(255.0).sub_(self.mean).div_(self.std))
+
+    def float_batch(self, x01: torch.Tensor) -> torch.Tensor:
+        """The evaluation transform of a float batch in [0, 1], out of place, so that gradients
+        flow back to the pixels (attacks that optimise images or perturbations use it)."""
+        return self._layout((x01 - self.mean.to(x01.device)) / self.std.to(x01.device))
 
     def eval_batch(self, x_u8: torch.Tensor) -> torch.Tensor:
         return self._finish(x_u8)

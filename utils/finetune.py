@@ -12,14 +12,12 @@ from typing import Sequence
 
 import models
 from utils import engine
-from utils.attacks import get_attack
 from utils.config import dump_yaml, parse_bool, parse_optional_float
-from utils.datasets import DATASETS
 from utils.errors import UserError
-from utils.poison import LABEL_TRANS, check_pratio
+from utils.poison import LABEL_TRANS
 from utils.purify import ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, parse_modes, purify, tuning_indices
 from utils.resources import tensor_digest
-from utils.robustness import add_record_options, check_tag
+from utils.robustness import add_record_options, add_run_options, check_record_args, check_tag
 from utils.record import (StagedFolder, clean_state_dict, find_record, load_record, load_state_dict_checked, portable_path, save_torch,
                           write_csv, write_json, write_text)
 from utils.victim import build_model_for, device_name, evaluate_experiment, rebuild_experiment, versions
@@ -29,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Purify a backdoored model by fine-tuning (FST and baselines, FT-SAM, BTI, PAM).")
     a = p.add_argument
     add_record_options(p)
-    a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
+    add_run_options(p, "write to defense/<mode>_<tag>/ instead of defense/<mode>/ (for sweeps)",
+                    "replace an existing result of the same mode and tag")
     a("--ft_mode", default="fst", help=f"one of {', '.join(ALL_MODES)}; all (= {', '.join(MODES)}); or a comma-separated list (default fst)")
     a("--attack_label_trans", default=None, choices=LABEL_TRANS, help="checked against the record when given")
     a("--epochs", type=int, default=None, help="tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)")
@@ -57,11 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bti_mask_epochs", type=int, default=10, help="bti/pam: feature-mask epochs per round (default 10)")
     a("--bti_gen_epochs", type=int, default=5, help="bti/pam: backdoor-generator epochs per round (default 5)")
     a("--bti_mse_bound", type=float, default=0.3, help="bti/pam: bound on the generator's image MSE, normalised input space (default 0.3)")
-    a("--tag", default="", help="write to defense/<mode>_<tag>/ instead of defense/<mode>/ (for sweeps)")
-    a("--overwrite", type=parse_bool, default=False, help="replace an existing result of the same mode and tag")
-    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
-    a("--eval_batch_size", type=int, default=0, help="evaluation batch size (default 0: 1024 on GPU, 256 on CPU)")
-    a("--progress", type=parse_bool, default=True, help="show progress bars")
     return p
 
 
@@ -71,13 +65,8 @@ _TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth")
 def _settle_args(args: argparse.Namespace) -> list[str]:
     """Check every value given before any work starts. Returns the modes; `mode_args` fills the
     defaults of each."""
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    if args.model not in models.model_names():
-        raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
-    get_attack(args.attack)  # an unknown attack name is a typo, not a missing record
+    check_record_args(args)
     modes = parse_modes(args.ft_mode)
-    check_pratio(args.pratio)
     if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
         raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
     if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.eval_batch_size < 0 or args.rounds < 1:

@@ -30,16 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-import models
 from utils import engine
 from utils.attacks import get_attack, make_trigger
-from utils.config import dump_yaml, parse_bool
-from utils.datasets import DATASETS, ImageSet
+from utils.config import dump_yaml
+from utils.datasets import ImageSet
 from utils.errors import UserError
-from utils.poison import backdoor_test_set, check_pratio
+from utils.poison import backdoor_test_set
 from utils.record import (RECORD_FILE, StagedFolder, clean_state_dict, find_record, load_record, load_torch_file, portable_path,
                           save_torch, write_csv, write_json, write_text)
-from utils.robustness import (NONE, add_record_options, build_loaded_model, check_tag, find_clean_record, load_source_state,
+from utils.robustness import (NONE, add_record_options, add_run_options, check_record_args, build_loaded_model, check_tag, find_clean_record, load_source_state,
                               source_folder, tagged)
 from utils.victim import device_name, rebuild_experiment, versions
 
@@ -103,12 +102,7 @@ class FrozenModel:
             p.requires_grad_(False)
 
     def logits(self, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
-        pipe = self.pipeline
-        z = (x - pipe.mean) / pipe.std
-        if pipe.input_size != z.shape[-1]:
-            z = F.interpolate(z, size=(pipe.input_size, pipe.input_size), mode="bilinear", align_corners=False)
-        if pipe.channels_last:
-            z = z.contiguous(memory_format=torch.channels_last)
+        z = self.pipeline.float_batch(x)
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             out = self.model(z)
         return out.float()
@@ -271,26 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=128, help="training batch size (default 128)")
     a("--hidden", type=int, default=DEFAULT_HIDDEN, help=f"width of the generator MLP (bottleneck a quarter of it; default {DEFAULT_HIDDEN})")
     a("--random_seed", type=int, default=0, help="seed of the sample draw, generator init and batch order (default 0)")
-    a("--tag", default="", help="write to qra_<tag>/ instead of qra/")
-    a("--overwrite", type=parse_bool, default=False, help="replace an existing result (default false)")
-    a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
-    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
-    a("--eval_batch_size", type=int, default=0, help="evaluation batch size (default 0: 1024 on GPU, 256 on CPU)")
-    a("--progress", type=parse_bool, default=True, help="show progress bars")
+    add_run_options(p, "write to qra_<tag>/ instead of qra/", "replace an existing result (default false)")
     return p
 
 
 def _settle_args(args: argparse.Namespace) -> None:
     """Check every value before any work starts."""
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    if args.model not in models.model_names():
-        raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
-    get_attack(args.attack)
-    check_pratio(args.pratio)
+    check_record_args(args)
     check_tag(args.tag)
-    if args.retune_tag and not all(c.isalnum() or c in "-_." for c in args.retune_tag):
-        raise UserError(f"--retune_tag {args.retune_tag!r} may hold only letters, digits, '-', '_' and '.'")
+    check_tag(args.retune_tag, "--retune_tag")
     if not 0 < args.eps <= 255:
         raise UserError(f"--eps must be within (0, 255] (pixels out of 255), got {args.eps}")
     if args.n_clean < 1 or args.n_poison < 1:

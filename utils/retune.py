@@ -30,7 +30,7 @@ from utils.poison import backdoor_labels, check_pratio
 from utils.purify import DATASET_DEFAULTS
 from utils.record import StagedFolder, clean_state_dict, find_record, load_record, portable_path, save_torch, write_csv, write_json, write_text
 from utils.resources import tensor_digest
-from utils.robustness import (NONE, add_record_options, available_defenses, build_loaded_model, check_tag, load_source_state,
+from utils.robustness import (NONE, add_record_options, add_run_options, available_defenses, build_loaded_model, check_tag, load_source_state,
                               source_folder, tagged)
 from utils.victim import Experiment, device_name, evaluate_experiment, rebuild_experiment, versions
 
@@ -55,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
            "model always reuses its purification's subset")
     a("--split_mode", default=None, choices=("uniform", "balanced"), help="--defense_type none only (default uniform)")
     a("--save", type=parse_bool, nargs="?", const=True, default=True, help="save the retuned weights as model.pt (default true; qra.py needs them)")
-    a("--tag", default="", help="write to retune_<tag>/ instead of retune/")
-    a("--overwrite", type=parse_bool, default=False, help="replace an existing retuning result of the same tag")
-    a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
-    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
-    a("--eval_batch_size", type=int, default=0, help="evaluation batch size (default 0: automatic)")
-    a("--progress", type=parse_bool, default=True, help="show progress bars")
+    add_run_options(p, "write to retune_<tag>/ instead of retune/", "replace an existing retuning result of the same tag")
     return p
 
 

@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import models
 from utils import engine
+from utils.attacks import get_attack
+from utils.config import parse_bool
 from utils.datasets import DATASETS, dataset_info
 from utils.errors import UserError
+from utils.poison import check_pratio
 from utils.record import RECORD_FILE, find_record, load_record, load_state_dict_checked, load_torch_file, record_name
 from utils.victim import build_model_for
 
@@ -41,9 +45,32 @@ def add_record_options(p: argparse.ArgumentParser) -> None:
     a("--record_root", default="record", help="folder that holds the records (default record)")
 
 
-def check_tag(tag: str) -> None:
+def add_run_options(p: argparse.ArgumentParser, tag_help: str, overwrite_help: str) -> None:
+    """The flags every purification and attack-on-a-purification tool shares: output naming and
+    replacement, device, precision, evaluation batch and progress bars."""
+    a = p.add_argument
+    a("--tag", default="", help=tag_help)
+    a("--overwrite", type=parse_bool, default=False, help=overwrite_help)
+    a("--device", default="cuda:0", help="cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)")
+    a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
+    a("--eval_batch_size", type=int, default=0, help="evaluation batch size (default 0: 1024 on GPU, 256 on CPU)")
+    a("--progress", type=parse_bool, default=True, help="show progress bars")
+
+
+def check_record_args(args: argparse.Namespace) -> None:
+    """Names that would otherwise surface as a confusing "no record" error: dataset, model,
+    attack; and the pratio's range."""
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if args.model not in models.model_names():
+        raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
+    get_attack(args.attack)  # an unknown attack name is a typo, not a missing record
+    check_pratio(args.pratio)
+
+
+def check_tag(tag: str, flag: str = "--tag") -> None:
     if tag and not all(c.isalnum() or c in "-_." for c in tag):
-        raise UserError(f"--tag {tag!r} may hold only letters, digits, '-', '_' and '.'")
+        raise UserError(f"{flag} {tag!r} may hold only letters, digits, '-', '_' and '.'")
 
 
 def tagged(name: str, tag: str) -> str:
