@@ -132,6 +132,7 @@ def _build_cases(base: Path, data: Path, record: Path) -> dict[str, Case]:
     result_file.write_bytes(data_bytes[: len(data_bytes) // 2])
     ft("ft-corrupt", [], [str(result_file), "corrupt"], root)
     ft("ft-unknown-mode", ["--ft_mode", "finetune"], ["finetune", "fst", "ft-init", "fe-tuning"])
+    ft("ft-eval-every-zero", ["--eval_every", "0"], ["--eval_every", "positive"])
     ft("ft-unknown-attack", ["--attack", "nosuchattack"], ["nosuchattack", "badnet", "blended"])
     ft("ft-unknown-model", ["--model", "resnet99"], ["resnet99", "smallcnn", "resnet18"])
     ft("ft-unknown-dataset", ["--dataset", "mnist"], ["mnist", "cifar10"])
@@ -180,7 +181,7 @@ def error_cases(tmp_path_factory, tiny_cifar10, badnet_record) -> dict[str, Case
 
 ERROR_CASES = [
     "ft-no-record", "ft-corrupt", "ft-unknown-mode", "ft-unknown-attack", "ft-unknown-model", "ft-unknown-dataset",
-    "ft-split-zero", "ft-split-big", "ft-missing-dataset", "ft-model-mismatch",
+    "ft-split-zero", "ft-split-big", "ft-missing-dataset", "ft-model-mismatch", "ft-eval-every-zero",
     "attack-unknown-model", "attack-unknown-dataset", "attack-unknown-yaml-key", "attack-yaml-wrong-type",
     "attack-bd-yaml-bad-choice", "attack-pratio-above-one", "attack-pratio-negative", "attack-missing-dataset",
     "attack-existing-record",
@@ -394,3 +395,20 @@ def test_ft_paper_command_then_same_mode_again_refuses(tmp_path, tiny_cifar10, b
     second = run_script(FT, args)
     assert_user_error(second, str(folder / "defense" / "fst"), "already exists", "--overwrite")
     assert_unchanged(before, root)
+
+
+def test_ft_eval_every_leaves_unevaluated_epochs_empty(tmp_path, tiny_cifar10, badnet_record):
+    """--eval_every 2 over 3 epochs evaluates epochs 2 and 3 (the last always); the result is the last
+    evaluation and epoch 1's metric cells are empty."""
+    root = tmp_path / "record"
+    folder = copy_record(badnet_record, root)
+    proc = run_script(FT, ft_args(root, tiny_cifar10, "--epochs", "3", "--eval_every", "2", "--ft_mode", "ft", "--split_ratio", "0.1"))
+    assert proc.returncode == 0, proc.stderr
+    lines = (folder / "defense" / "ft" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["clean_acc"] == rows[0]["asr"] == rows[0]["ra"] == ""
+    assert all(r[k] != "" for r in rows[1:] for k in ("clean_acc", "asr", "ra"))
+    result = json.loads((folder / "defense" / "ft" / "result.json").read_text())
+    assert result["after"]["asr"] == pytest.approx(float(rows[2]["asr"]), abs=1e-5)

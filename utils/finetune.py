@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--momentum", type=float, default=None, help="SGD momentum (default 0.9; bti/pam 0.1)")
     a("--random_seed", type=int, default=0, help="seed of the tuning subset, head init and batch order (default 0)")
     a("--split_ratio", type=float, default=None, help="fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny and bti/pam)")
+    a("--eval_every", type=int, default=1,
+      help="evaluate C-Acc/ASR/RA after every k-th tuning epoch and the last (default 1; sweeps on a CPU use a larger k, "
+           "the skipped epochs are empty in metrics.csv)")
     a("--log", action="store_true", help="also write the console output to defense/<mode>/log.txt")
     a("--pre", action="store_true", help="accepted for compatibility: the record already holds the (pre-trained) weights")
     a("--save", type=parse_bool, nargs="?", const=True, default=True,
@@ -69,8 +72,9 @@ def _settle_args(args: argparse.Namespace) -> list[str]:
     modes = parse_modes(args.ft_mode)
     if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
         raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
-    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.eval_batch_size < 0 or args.rounds < 1:
-        raise UserError("--epochs, --rounds and --batch_size must be positive, --eval_batch_size 0 or positive")
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.eval_batch_size < 0 or args.rounds < 1 \
+            or args.eval_every < 1:
+        raise UserError("--epochs, --rounds, --eval_every and --batch_size must be positive, --eval_batch_size 0 or positive")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
@@ -114,7 +118,8 @@ def settings_for(args: argparse.Namespace) -> PurifySettings:
                           momentum=args.momentum, label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
                           frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
                           progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
-                          pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti)
+                          pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti,
+                          eval_every=args.eval_every)
 
 
 def tuning_set(labels, args: argparse.Namespace):

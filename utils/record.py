@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -101,7 +102,10 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def _csv_value(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
+    """Floats with 6 significant digits; NaN (a metric not measured that epoch) as an empty cell."""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
 
 
 def save_torch(path: Path, obj: Any) -> None:
