@@ -13,7 +13,7 @@
 #
 # Resumable: run it again after a kill and finished jobs are skipped (an attack resumes from its last
 # epoch). A failed job is reported at the end with its log and does not stop the others.
-# Purification evaluates only after the last epoch (--eval_every 10), except one record (BadNet, 1%,
+# Purification evaluates only after the last epoch (--eval_every 10), except one record (Blended, 1%,
 # seed 0) purified again under the tag `curves` with an evaluation after every epoch, for the curves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +30,9 @@ if [ -z "${WORKERS:-}" ]; then
   WORKERS=$("$PY" -c "import torch, os; print(torch.cuda.device_count() or os.cpu_count() or 1)")
 fi
 FIG="$DOCS/figures/repro_fmnist"
-CURVES_RECORD="$ROOT/seed_0/fmnist/badnet/pratio_0.01-target_0-archi_smallcnn"
-TSNE_RECORD="$ROOT/seed_0/fmnist/badnet/pratio_0.005-target_0-archi_smallcnn"
-TSNE_RECORD_HIGH="$ROOT/seed_0/fmnist/badnet/pratio_0.1-target_0-archi_smallcnn"
+CURVES_RECORD="$ROOT/seed_0/fmnist/blended/pratio_0.01-target_0-archi_smallcnn"
+TSNE_RECORD="$ROOT/seed_0/fmnist/blended/pratio_0.005-target_0-archi_smallcnn"
+TSNE_RECORD_HIGH="$ROOT/seed_0/fmnist/blended/pratio_0.1-target_0-archi_smallcnn"
 mkdir -p "$ROOT" "$FIG"
 start=$(date +%s)
 status=0
@@ -41,7 +41,7 @@ status=0
   --seeds $SEEDS --record_root "$ROOT" --workers "$WORKERS" || status=1
 # the per-epoch record runs beside the main purification sweep
 (
-  [ -f "$CURVES_RECORD/attack_result.pt" ] && "$PY" -m utils.sweep purify --record_root "$ROOT" --modes all --attacks badnet \
+  [ -f "$CURVES_RECORD/attack_result.pt" ] && "$PY" -m utils.sweep purify --record_root "$ROOT" --modes all --attacks blended \
     --pratios 0.01 --seeds 0 --tag curves --workers 1 --devices "${CURVES_DEVICES:-auto}" -- --epochs 10 --split_ratio 0.02 \
     --eval_every 1 >"$ROOT/curves_sweep.log" 2>&1
 ) &
@@ -51,16 +51,17 @@ curves=$!
   --workers "$WORKERS" -- --epochs 10 --split_ratio 0.02 --eval_every 10 || status=1
 wait "$curves" || { status=1; echo "the per-epoch purification failed: see $ROOT/curves_sweep.log"; }
 minutes=$(( ($(date +%s) - start + 59) / 60 ))
+echo "- $(date -u -d "@$start" +'%Y-%m-%d %H:%M UTC'): $minutes min for the sweeps (ATTACKS=\"$ATTACKS\" PRATIOS=\"$PRATIOS\" SEEDS=\"$SEEDS\" WORKERS=$WORKERS)" >>"$ROOT/timings.md"
 
 echo "== tables and figures"
 # shellcheck disable=SC2086
 "$PY" -m utils.results "$ROOT" --dataset fmnist --model smallcnn --attacks $ATTACKS --pratio $PRATIOS \
   --csv "$ROOT/results.csv" --summary_csv "$ROOT/summary.csv" --markdown "$ROOT/tables.md" >/dev/null || status=1
 "$PY" -m utils.plots pratio --csv "$ROOT/results.csv" --out "$FIG" || status=1
-[ -d "$CURVES_RECORD" ] && { "$PY" -m utils.plots curves "$CURVES_RECORD" --tag curves --out "$FIG/curves_badnet_p0.01_s0.png" || status=1; }
+[ -d "$CURVES_RECORD" ] && { "$PY" -m utils.plots curves "$CURVES_RECORD" --tag curves --out "$FIG/curves_blended_p0.01_s0.png" || status=1; }
 for rec in "$TSNE_RECORD_HIGH" "$TSNE_RECORD"; do
   p=$(basename "$rec" | sed 's/pratio_\([^-]*\)-.*/\1/')
-  [ -d "$rec" ] && { "$PY" -m utils.plots tsne "$rec" --modes ft lp fst --n 500 --out "$FIG/tsne_badnet_p${p}_s0.png" || status=1; }
+  [ -d "$rec" ] && { "$PY" -m utils.plots tsne "$rec" --modes ft lp fst --n 500 --out "$FIG/tsne_blended_p${p}_s0.png" || status=1; }
 done
 
 machine=$("$PY" - <<'EOF'
@@ -79,7 +80,11 @@ EOF
   echo
   echo "- Command: \`ATTACKS=\"$ATTACKS\" PRATIOS=\"$PRATIOS\" SEEDS=\"$SEEDS\" WORKERS=$WORKERS bash sh/repro_fmnist.sh\`"
   echo "- Machine: $machine"
-  echo "- Wall time of this run: $minutes min (jobs finished by an earlier run are skipped and not counted)"
+  echo "- Wall time of each invocation on this record root (a rerun skips finished jobs, so only the first"
+  echo "  one on an empty root measures the whole grid):"
+  echo
+  sed 's/^/  /' "$ROOT/timings.md"
+  echo
   echo "- Protocol: victims from \`config/attack/prototype/fmnist.yaml\` (small CNN, 3 epochs on 20k images, 5k test"
   echo "  images), target label 0; purification on 2% of the clean training set (1200 images), 10 epochs, lr 0.01,"
   echo "  the paper's defaults otherwise; seed s trains the victim and draws its tuning set."
@@ -92,16 +97,16 @@ EOF
   echo
   for f in "$FIG"/pratio_*.png; do [ -f "$f" ] && echo "![$(basename "$f" .png)](figures/repro_fmnist/$(basename "$f"))"; done
   echo
-  [ -f "$FIG/curves_badnet_p0.01_s0.png" ] && echo "Training curves (BadNet, 1%, seed 0; the victim, then each mode evaluated every epoch):" \
-    && echo && echo "![curves](figures/repro_fmnist/curves_badnet_p0.01_s0.png)"
+  [ -f "$FIG/curves_blended_p0.01_s0.png" ] && echo "Training curves (Blended, 1%, seed 0; the victim, then each mode evaluated every epoch):" \
+    && echo && echo "![curves](figures/repro_fmnist/curves_blended_p0.01_s0.png)"
   echo
-  echo "t-SNE of penultimate features of 500 clean and 500 poisoned test images (black crosses), BadNet, seed 0."
+  echo "t-SNE of penultimate features of 500 clean and 500 poisoned test images (black crosses), Blended, seed 0."
   echo "Feature-space scores: share of poisoned images whose 5 nearest clean images are mostly of their true class /"
   echo "of the target; 2-D separation: leave-one-out 5-NN accuracy of poisoned vs clean in the embedding."
   echo
   echo "| pratio | model | poisoned next to true class | poisoned next to target | 2-D separation |"
   echo "|---|---|---:|---:|---:|"
-  for j in "$FIG"/tsne_badnet_p0.1_s0.json "$FIG"/tsne_badnet_p0.005_s0.json; do
+  for j in "$FIG"/tsne_blended_p0.1_s0.json "$FIG"/tsne_blended_p0.005_s0.json; do
     [ -f "$j" ] && "$PY" -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -111,7 +116,7 @@ for panel in d["panels"]:
     print(f"| {float(p) * 100:g}% | {lab} | {100 * t:.1f}% | {100 * g:.1f}% | {sep:.3f} |")' "$j"
   done
   echo
-  for f in "$FIG"/tsne_badnet_p0.1_s0.png "$FIG"/tsne_badnet_p0.005_s0.png; do
+  for f in "$FIG"/tsne_blended_p0.1_s0.png "$FIG"/tsne_blended_p0.005_s0.png; do
     [ -f "$f" ] && echo "![$(basename "$f" .png)](figures/repro_fmnist/$(basename "$f"))" && echo
   done
 } >"$DOCS/repro_fmnist.md.tmp" && mv "$DOCS/repro_fmnist.md.tmp" "$DOCS/repro_fmnist.md"
