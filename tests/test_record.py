@@ -315,3 +315,13 @@ def test_portable_path_never_absolute(tmp_path):
     assert portable_path("data") == "data"
     assert portable_path(str(tmp_path / "tiny-data")) == "tiny-data"
     assert not portable_path(str(Path(__file__).resolve())).startswith("/")
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's owner-only 0600: records are shared (cluster groups, docs figures)."""
+    import os
+    from utils.record import write_text
+    mask = os.umask(0)
+    os.umask(mask)
+    write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
