@@ -61,7 +61,7 @@ echo "== tables and figures"
 [ -d "$CURVES_RECORD" ] && { "$PY" -m utils.plots curves "$CURVES_RECORD" --tag curves --out "$FIG/curves_blended_p0.01_s0.png" || status=1; }
 for rec in "$TSNE_RECORD_HIGH" "$TSNE_RECORD"; do
   p=$(basename "$rec" | sed 's/pratio_\([^-]*\)-.*/\1/')
-  [ -d "$rec" ] && { "$PY" -m utils.plots tsne "$rec" --modes ft lp fst --n 500 --out "$FIG/tsne_blended_p${p}_s0.png" || status=1; }
+  [ -d "$rec" ] && { "$PY" -m utils.plots tsne "$rec" --modes ft lp fst --n 500 --progress false --out "$FIG/tsne_blended_p${p}_s0.png" || status=1; }
 done
 
 machine=$("$PY" - <<'EOF'
