@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.errors import UserError, run_cli
+from utils.purify import MODES
+from utils.results import MODE_NAMES
 
 DPI = 120
-MODE_ORDER = ("ft", "lp", "fe-tuning", "ft-init", "fst")
-DISPLAY = {"ft": "FT", "lp": "LP", "fe-tuning": "FE-tuning", "ft-init": "FT-init", "fst": "FST"}
-NO_DEFENSE = "No defense"
+MODE_ORDER = tuple(MODES)  # the paper's order: ft, lp, fe-tuning, ft-init, fst
+NO_DEFENSE = MODE_NAMES["none"]
 METRICS = (("clean_acc", "C-Acc"), ("asr", "ASR"), ("ra", "RA"))
 
 
@@ -81,7 +82,7 @@ def _mode_key(mode: str) -> tuple[int, str]:
 def display_name(mode: str) -> str:
     """FT, LP, FE-tuning, FT-init, FST; a tagged folder `fst_x` reads `FST (x)`; others as given."""
     base, _, tag = mode.partition("_")
-    name = DISPLAY.get(base, base)
+    name = MODE_NAMES.get(base, base) if base != "none" else base
     return f"{name} ({tag})" if tag else name
 
 

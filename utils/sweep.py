@@ -45,6 +45,7 @@ import yaml
 from utils.errors import UserError, run_cli
 from utils.purify import ALL_MODES, parse_modes
 from utils.record import RECORD_FILE, format_pratio, record_name
+from utils.robustness import tagged
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
@@ -137,11 +138,7 @@ def _record_flags(folder: Path, cfg: dict) -> list[str]:
             "--pratio", format_pratio(cfg["pratio"]), "--attack_target", str(cfg["attack_target"])]
 
 
-def _tagged(name: str, tag: str) -> str:
-    return f"{name}_{tag}" if tag else name
-
-
-def _short(folder: Path, cfg: dict) -> str:
+def _short(cfg: dict) -> str:
     return f"{cfg['attack']}-p{format_pratio(cfg['pratio'])}-s{cfg.get('random_seed', 0)}"
 
 
@@ -152,13 +149,13 @@ def purify_jobs(record_root: str, modes: list[str], extra: list[str] = (), tag: 
     jobs = []
     logs = Path(logs or Path(record_root) / "logs")
     for folder, cfg in _select(find_records(record_root), attacks, pratios, seeds):
-        wanted = [m for m in modes if not (folder / "defense" / _tagged(m, tag) / "result.json").is_file()] or modes
+        wanted = [m for m in modes if not (folder / "defense" / tagged(m, tag) / "result.json").is_file()] or modes
         argv = [sys.executable, str(REPO / "fine_tune" / "ft.py"), *_record_flags(folder, cfg), "--ft_mode", ",".join(wanted),
                 "--random_seed", str(cfg.get("random_seed", 0)), "--device", DEVICE, "--progress", "false", *extra]
         if tag:
             argv += ["--tag", tag]
-        name = f"purify-{_short(folder, cfg)}" + (f"-{tag}" if tag else "")
-        jobs.append(Job(name, argv, [str(folder / "defense" / _tagged(m, tag) / "result.json") for m in modes],
+        name = f"purify-{_short(cfg)}" + (f"-{tag}" if tag else "")
+        jobs.append(Job(name, argv, [str(folder / "defense" / tagged(m, tag) / "result.json") for m in modes],
                         str(logs / f"{name}.log"), [str(folder / RECORD_FILE)]))
     return jobs
 
@@ -171,11 +168,11 @@ def retune_jobs(record_root: str, defenses: list[str], extra: list[str] = (), ta
     for folder, cfg in _select(find_records(record_root), attacks, pratios, seeds):
         for defense in defenses:
             source = folder if defense == "none" else folder / "defense" / defense
-            out = source / _tagged("retune", tag) / "result.json"
+            out = source / tagged("retune", tag) / "result.json"
             needs = [str(folder / RECORD_FILE)] + ([] if defense == "none" else [str(source / "model.pt")])
             argv = [sys.executable, str(REPO / "fine_tune" / "ft_poison.py"), *_record_flags(folder, cfg), "--defense_type",
                     defense, "--device", DEVICE, "--progress", "false", *extra] + (["--tag", tag] if tag else [])
-            name = f"retune-{defense}-{_short(folder, cfg)}" + (f"-{tag}" if tag else "")
+            name = f"retune-{defense}-{_short(cfg)}" + (f"-{tag}" if tag else "")
             jobs.append(Job(name, argv, [str(out)], str(logs / f"{name}.log"), needs))
     return jobs
 
