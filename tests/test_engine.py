@@ -298,3 +298,23 @@ def test_train_epoch_visits_every_sample_once():
                         loss_fn=loss_fn, augment=False, progress=False)
     assert sorted(seen) == list(range(n))
     assert stats["train_acc"] == 1.0  # the oracle is right on un-augmented inputs
+
+
+@pytest.mark.parametrize("n, batch, expect", [(10, 3, 9), (9, 3, 9), (2, 3, 2)])
+def test_train_epoch_drop_last_skips_only_the_short_final_batch(n, batch, expect):
+    """The official victim loaders drop the last short batch; a set smaller than one batch still trains."""
+    images = _coded(list(range(n)))
+    labels = torch.arange(n)
+    sizes: list[int] = []
+
+    def loss_fn(model, x, y, idx):
+        sizes.append(len(y))
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    model = PixelOracle(num_classes=n)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_epoch(model, images, labels, _identity_pipeline(), opt, batch, torch.Generator().manual_seed(0),
+                loss_fn=loss_fn, augment=False, progress=False, drop_last=True)
+    assert sum(sizes) == expect
+    assert len(set(sizes)) == 1

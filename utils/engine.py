@@ -200,8 +200,9 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
                 loss_fn: LossFn | None = None, after_step: Callable[[], None] | None = None,
                 amp: torch.dtype | None = None, desc: str = "train", augment: bool = True,
                 progress: bool = True, set_train_mode: Callable[[nn.Module], None] | None = None,
-                before_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over (images, labels) in shuffled batches. Loss and accuracy are accumulated on the
+                before_step: Callable[[], None] | None = None, drop_last: bool = False) -> dict[str, float]:
+    """One pass over (images, labels) in shuffled batches (`drop_last`: skip the final short batch, as
+    the official victim loaders do, unless the whole set is smaller than one batch). Loss and accuracy are accumulated on the
     device and read once at the end, so the step itself never waits for the host.
     `set_train_mode` replaces `model.train()` (purification uses it to keep frozen BatchNorm fixed).
     `before_step` runs between the backward pass and the optimiser step: sharpness-aware steps
@@ -214,7 +215,7 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, pi
     seen = 0
     start = time.perf_counter()
     n = len(labels)
-    batches = index_batches(n, batch_size, True, gen, device)
+    batches = index_batches(n, batch_size, True, gen, device, drop_last)
     bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
     for idx in batches:
         x = pipeline.train_batch(images[idx], gen) if augment else pipeline.eval_batch(images[idx])

@@ -316,7 +316,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
                                    cfg["batch_size"], gen, amp=amp, desc=f"epoch {epoch}", progress=cfg["progress"],
                                    loss_fn=hooks.loss_fn if hooks else None,
                                    after_step=hooks.after_step if hooks else None,
-                                   augment=hooks.augment if hooks else True)
+                                   augment=hooks.augment if hooks else True, drop_last=True)
         if scheduler is not None:
             scheduler.step()
         if hooks is not None and hooks.trigger_params is not None:
