@@ -156,15 +156,39 @@ def test_blend_extremes(channels):
     assert torch.equal(triggers.apply_blend(white, torch.full_like(key, 255), 0.3), white)
 
 
-def test_blend_default_key_is_seeded_noise():
-    a = triggers.blend_key(3, 32)
-    b = triggers.blend_key(3, 32)
-    assert torch.equal(a, b)
-    assert torch.equal(triggers.blend_key(3, 32, seed=7), triggers.blend_key(3, 32, seed=7))
-    assert not torch.equal(triggers.blend_key(3, 32, seed=7), a)
-    # noise, not a constant image
+def _roughness(key: torch.Tensor) -> float:
+    """Mean absolute difference between horizontally and vertically adjacent pixels."""
+    k = key.float()
+    return float(((k[..., 1:, :] - k[..., :-1, :]).abs().mean() + (k[..., :, 1:] - k[..., :, :-1]).abs().mean()) / 2)
+
+
+@pytest.mark.parametrize("channels, size", [(3, 32), (1, 28), (3, 64)])
+def test_blend_default_key_is_a_smooth_picture_not_noise(channels, size):
+    """The default key stands in for the paper's natural image: deterministic, varied (not flat),
+    smooth (neighbouring pixels differ by a few levels; uniform noise differs by ~85)."""
+    key = triggers.blend_key(channels, size)
+    assert key.shape == (channels, size, size) and key.dtype == torch.uint8
+    assert torch.equal(key, triggers.blend_key(channels, size))
+    assert torch.equal(key, triggers.landscape_key(channels, size))
+    assert key.float().std() > 25
+    assert _roughness(key) < 12 * 32 / size
+    assert _roughness(triggers.blend_key(channels, size, kind="noise")) > 60
+
+
+def test_blend_key_is_the_same_picture_at_every_size():
+    small = triggers.landscape_key(3, 32).float()
+    large = torch.nn.functional.avg_pool2d(triggers.landscape_key(3, 128).float()[None], 4)[0]
+    assert (small - large).abs().mean() < 2.0
+
+
+def test_blend_noise_key_is_seeded_noise():
+    a = triggers.blend_key(3, 32, kind="noise")
+    assert torch.equal(a, triggers.blend_key(3, 32, kind="noise"))
+    assert torch.equal(triggers.blend_key(3, 32, kind="noise", seed=7), triggers.blend_key(3, 32, kind="noise", seed=7))
+    assert not torch.equal(triggers.blend_key(3, 32, kind="noise", seed=7), a)
     assert a.float().std() > 50
-    assert triggers.blend_key(1, 28).shape == (1, 28, 28)
+    with pytest.raises(UserError, match="blend_key"):
+        triggers.blend_key(3, 32, kind="kitty")
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
@@ -362,10 +386,10 @@ def test_badnet_attack_builds_the_trigger():
 
 def test_blended_attack_uses_train_and_test_alpha():
     spec = get_attack("blended")
-    params = spec.build({"blend_alpha": 0.2, "blend_alpha_test": 0.6, "trigger_path": ""}, INFO)
+    params = spec.build({"blend_alpha": 0.2, "blend_alpha_test": 0.6, "trigger_path": "", "blend_key": "landscape"}, INFO)
     x = _images(3, 3, 32, 1)
     key = triggers.blend_key(3, 32)
     assert torch.equal(make_trigger(spec, params, True)(x), triggers.apply_blend(x, key, 0.2))
     assert torch.equal(make_trigger(spec, params, False)(x), triggers.apply_blend(x, key, 0.6))
     with pytest.raises(UserError, match="blend_alpha"):
-        spec.build({"blend_alpha": 1.5, "blend_alpha_test": 0.2, "trigger_path": ""}, INFO)
+        spec.build({"blend_alpha": 1.5, "blend_alpha_test": 0.2, "trigger_path": "", "blend_key": "landscape"}, INFO)
