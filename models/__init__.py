@@ -1,7 +1,9 @@
-"""Model registry: `build_model(name, ...)`, plus the head and penultimate-feature accessors.
+"""Model registry: `build_model(name, ...)`, plus the head and feature accessors.
 
-Every registered model is a `BackdoorNet`: it splits into `features(x)` (the penultimate feature
-vector) and a linear classifier head stored under the attribute path `head_name`. Purification
+Every registered model is a `BackdoorNet`: it splits into `feature_maps(x)` (the output of the last
+convolutional / transformer stage, (N, C, h, w)), `pool(maps)` (what turns them into the penultimate
+feature vector; `features(x) = pool(feature_maps(x))`) and a linear classifier head stored under the
+attribute path `head_name`. BTI-DBF works on the last-stage feature maps, as its official code does. Purification
 modes, Bypass and feature plots use `get_head`/`set_head`/`model.features` instead of finding layers
 by evaluating strings, so every mode works on every model.
 """
@@ -18,14 +20,25 @@ _REGISTRY: dict[str, Callable[..., "BackdoorNet"]] = {}
 
 
 class BackdoorNet(nn.Module):
-    """Base class: subclasses set `head_name` and implement `features`."""
+    """Base class: subclasses set `head_name` and implement `feature_maps` and `pool`."""
 
     head_name: str = "linear"
     #: smallest input side the architecture accepts without padding
     min_input_size: int = 1
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The last stage's output, (N, C, h, w)."""
         raise NotImplementedError
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Last-stage feature maps -> the penultimate feature vector (N, D) that the head reads."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_maps(x))
+
+    def logits_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        return get_head(self)(self.pool(maps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return get_head(self)(self.features(x))

@@ -64,10 +64,12 @@ class ResNet(BackdoorNet):
         self.layer1, self.layer2, self.layer3, self.layer4 = _stages(BasicBlock, 64)
         self.linear = nn.Linear(512, num_classes)
 
-    def features(self, x):
+    def feature_maps(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
+
+    def pool(self, maps):
+        return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
 
 
 class PreActResNet(BackdoorNet):
@@ -82,10 +84,12 @@ class PreActResNet(BackdoorNet):
         self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
 
-    def features(self, x):
+    def feature_maps(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
-        out = F.relu(self.bn(out))
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return F.relu(self.bn(out))
+
+    def pool(self, maps):
+        return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
 
 
 @register_model("resnet18")

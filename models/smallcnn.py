@@ -31,8 +31,11 @@ class SmallCNN(BackdoorNet):
         self.trunk = nn.Sequential(*layers)
         self.linear = nn.Linear(cin, num_classes)
 
-    def features(self, x):
-        return torch.amax(self.trunk(x), dim=(2, 3))
+    def feature_maps(self, x):
+        return self.trunk(x)
+
+    def pool(self, maps):
+        return torch.amax(maps, dim=(2, 3))
 
 
 @register_model("smallcnn")

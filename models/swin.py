@@ -27,9 +27,11 @@ class SwinT(BackdoorNet):
         self.norm = net.norm
         self.head = nn.Linear(net.head.in_features, num_classes)
 
-    def features(self, x):
-        out = self.norm(self.trunk(x))  # (N, H, W, C)
-        return torch.flatten(out.mean(dim=(1, 2)), 1)
+    def feature_maps(self, x):
+        return self.norm(self.trunk(x)).permute(0, 3, 1, 2)  # tokens (N, H, W, C) as maps (N, C, H, W)
+
+    def pool(self, maps):
+        return torch.flatten(maps.mean(dim=(2, 3)), 1)
 
     def load_imagenet_trunk(self) -> None:
         """Copy the ImageNet-1k weights into everything but the head (needs them cached or online)."""

@@ -38,12 +38,14 @@ class VGG(BackdoorNet):
             nn.Linear(hidden, num_classes),
         )
 
-    def features(self, x):
+    def feature_maps(self, x):
         short = self.min_input_size - min(x.shape[-2:])
         if short > 0:
             x = F.pad(x, (short // 2, short - short // 2, short // 2, short - short // 2))
-        out = torch.flatten(self.avgpool(self.convs(x)), 1)
-        return self.classifier[:6](out)
+        return self.convs(x)
+
+    def pool(self, maps):
+        return self.classifier[:6](torch.flatten(self.avgpool(maps), 1))
 
 
 @register_model("vgg19_bn")

@@ -82,6 +82,20 @@ def test_forward_logits_and_features(name, channels, size):
 
 
 @pytest.mark.parametrize("name,channels,size", CASES)
+def test_last_stage_feature_maps_compose_to_the_features_and_logits(name, channels, size):
+    """BTI-DBF masks and compares the last stage's feature maps: every model exposes them, and the
+    penultimate features and logits are their pooled image."""
+    model = _model(name, channels, size)
+    x = _input(name, channels, size)
+    model.eval()
+    with torch.no_grad():
+        maps = model.feature_maps(x)
+        assert maps.dim() == 4 and maps.shape[0] == x.shape[0] and maps.shape[-1] >= 1
+        torch.testing.assert_close(model.pool(maps), model.features(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.logits_from_maps(maps), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,channels,size", CASES)
 def test_backward_reaches_every_parameter(name, channels, size):
     model = _model(name, channels, size)
     model.train()
