@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import copy
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from utils.resources import tensor_digest
 from utils.robustness import add_record_options, add_run_options, check_record_args, check_tag
 from utils.record import (StagedFolder, clean_state_dict, find_record, load_record, load_state_dict_checked, portable_path, save_torch,
                           write_csv, write_json, write_text)
+from utils.bti import BTISettings
 from utils.victim import build_model_for, device_name, evaluate_experiment, rebuild_experiment, versions
 
 
@@ -55,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pam_rho", type=float, default=0.5, help="pam: distance of the gradient point along the path to the backdoored weights (default 0.5)")
     a("--rounds", type=int, default=3, help="bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)")
     a("--unlearn_ratio", type=float, default=0.2, help="bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)")
-    a("--bti_pretrain_epochs", type=int, default=5, help="bti/pam: generator reconstruction pre-training epochs (default 5)")
-    a("--bti_mask_epochs", type=int, default=10, help="bti/pam: feature-mask epochs per round (default 10)")
-    a("--bti_gen_epochs", type=int, default=5, help="bti/pam: backdoor-generator epochs per round (default 5)")
-    a("--bti_mse_bound", type=float, default=0.3, help="bti/pam: bound on the generator's image MSE, normalised input space (default 0.3)")
+    a("--bti_pretrain_epochs", type=int, default=50, help="bti/pam: generator pre-training epochs (default 50, official)")
+    a("--bti_mask_epochs", type=int, default=20, help="bti/pam: feature-mask epochs per round (default 20, official)")
+    a("--bti_gen_epochs", type=int, default=30, help="bti/pam: backdoor-generator epochs per round (default 30, official)")
+    a("--bti_norm_bound", type=float, default=0.3,
+      help="bti/pam: image MSE (normalised input space) above which the generator only shrinks its change (default 0.3)")
+    a("--bti_feat_bound", type=float, default=3.0,
+      help="bti/pam: benign-feature MSE above which the generator only shrinks its change (default 3)")
+    a("--bti_unet_width", type=int, default=32,
+      help="bti/pam: base filters of the generator UNet (default 32, official; 8 makes CPU runs ~16x cheaper)")
+    a("--bti_generator_rounds", default="all", choices=("all", "first"),
+      help="bti/pam: train the backdoor generator in every round (default: BTI-DBF's design, and the official bti "
+           "baseline) or only in the first (what the shipped official PAM code does)")
     return p
 
 
@@ -85,8 +95,11 @@ def _settle_args(args: argparse.Namespace) -> list[str]:
         raise UserError("--sam_rho must be positive and --pam_rho 0 or positive")
     if not 0.0 <= args.unlearn_ratio <= 1.0:
         raise UserError(f"--unlearn_ratio must be within [0, 1], got {args.unlearn_ratio}")
-    if min(args.bti_pretrain_epochs, args.bti_mask_epochs, args.bti_gen_epochs) < 0 or args.bti_mse_bound <= 0:
-        raise UserError("--bti_*_epochs must be 0 or positive and --bti_mse_bound positive")
+    if min(args.bti_pretrain_epochs, args.bti_mask_epochs, args.bti_gen_epochs) < 0 or args.bti_unet_width < 1:
+        raise UserError("--bti_*_epochs must be 0 or positive and --bti_unet_width positive")
+    for name in ("bti_norm_bound", "bti_feat_bound"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
     check_tag(args.tag)
     return modes
 
@@ -105,21 +118,23 @@ def mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
     return out
 
 
-def settings_for(args: argparse.Namespace) -> PurifySettings:
-    """PurifySettings from one mode's settled arguments."""
+def settings_for(args: argparse.Namespace, shared: dict | None = None) -> PurifySettings:
+    """PurifySettings from one mode's settled arguments; `shared` is passed on so that the modes of
+    one run reuse one pre-trained BTI generator."""
     bti = None
     if ALL_MODES[args.ft_mode].unlearn:
-        from utils.bti import BTISettings
 
         bti = BTISettings(pretrain_epochs=args.bti_pretrain_epochs, mask_epochs=args.bti_mask_epochs,
-                          gen_epochs=args.bti_gen_epochs, mse_bound=args.bti_mse_bound, batch_size=args.batch_size,
+                          gen_epochs=args.bti_gen_epochs, norm_bound=args.bti_norm_bound,
+                          feat_bound=args.bti_feat_bound, unet_width=args.bti_unet_width,
+                          generator_rounds=args.bti_generator_rounds, batch_size=args.batch_size,
                           seed=args.random_seed, progress=args.progress)
     return PurifySettings(epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size,
                           momentum=args.momentum, label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
                           frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
                           progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
                           pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti,
-                          eval_every=args.eval_every)
+                          eval_every=args.eval_every, shared=shared)
 
 
 def tuning_set(labels, args: argparse.Namespace):
@@ -200,6 +215,7 @@ def _run(args, modes, folder, staged) -> dict[str, dict]:
           f"device {device_name(device)}")
     print(f"before purification: C-Acc {before['clean_acc']:.4f}  ASR {before['asr']:.4f}  RA {before['ra']:.4f}", flush=True)
     results = {}
+    shared: dict = {}
     for name in modes:
         margs = mode_args(args, name)
         tune_idx = tuning_set(exp.clean_train.labels, margs)
@@ -213,11 +229,12 @@ def _run(args, modes, folder, staged) -> dict[str, dict]:
         start = time.perf_counter()
         info: dict = {}
         with contextlib.redirect_stdout(tee):
-            purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs),
+            purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs, shared),
                                     evaluate, amp, info)
             for found in info.get("rounds", []):
                 print(f"[{name}] round {found['round']}: trigger inversion points to label {found['detected_target']} "
-                      f"({100 * found['target_share']:.1f}% of the synthesised images)")
+                      f"({100 * found['target_share']:.1f}% of the synthesised images"
+                      + ("" if found["generator_trained"] else "; generator not retrained") + ")")
             for row in rows:
                 print(f"[{name}] epoch {row['epoch']:2d}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
                       f"C-Acc {row['clean_acc']:.4f}  ASR {row['asr']:.4f}  RA {row['ra']:.4f}")

@@ -8,11 +8,14 @@ applies it in every mode, the paper describes it for FST; it belongs to the five
 
 Three more modes come from the post-purification robustness work (REFERENCE §6):
 - `ft-sam`: fine-tuning with (adaptive) sharpness-aware minimisation steps (BackdoorBench's FT-SAM);
-- `bti`: BTI-DBF unlearning: in every batch a share of the images is replaced by the output of an
-  inverted-trigger generator, with the true labels; generator and feature mask are re-learnt against
-  the current model at the start of each round;
-- `pam`: the same unlearning with path-aware minimisation steps (gradient taken at ρ along the
-  straight path from the current weights towards the backdoored ones, see utils/sharpness.py).
+- `bti`: BTI-DBF(U) unlearning as the official code runs it: in every batch int(0.2 B + 1) random
+  images are replaced by the output of an inverted-trigger generator (utils/bti.py), with the true
+  labels; the loss is CE on that mixed batch plus the MSE between the last-stage feature maps of
+  the clean and the mixed batch; Adam, lr 1e-4, constant;
+- `pam`: the same synthesised batches, CE only, with path-aware minimisation steps (gradient taken
+  at ρ along the straight path from the current weights towards the backdoored ones, see
+  utils/sharpness.py); SGD lr 0.01, momentum 0.1, constant.
+Both run `rounds` rounds (official: 3) of trigger inversion followed by `epochs` epochs (30).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models import get_head
-from utils import engine
+from utils import bti, engine, resources
 from utils.errors import UserError
 from utils.sharpness import WeightShift, path_offsets, sam_offsets
 
@@ -40,6 +43,9 @@ class Mode:
     summary: str
     step: str = "sgd"  # "sgd", "sam" or "pam": where the gradient of each step is taken
     unlearn: bool = False  # BTI-DBF unlearning (synthesised trigger images with their true labels)
+    feature_mse: bool = False  # BTI-DBF(U): + MSE between the feature maps of the clean and the mixed batch
+    optimizer: str = "sgd"  # "sgd" (momentum from the settings) or "adam"
+    schedule: str = "cosine"  # "cosine" over the epochs, or "constant"
     defaults: tuple = ()  # (option, value) pairs that replace the per-dataset defaults for this mode
 
 
@@ -51,15 +57,16 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("ft-init", True, "all", False, "head re-initialised, everything trains"),
     Mode("fst", True, "all", True, "head re-initialised, everything trains, loss + alpha <W, W_orig>"),
 )}
-# PAM's protocol (REFERENCE §6): 5% clean split, lr 0.01, momentum 0.1, 3 rounds of 30 epochs
-UNLEARN_DEFAULTS = (("split_ratio", 0.05), ("epochs", 30), ("lr", 0.01), ("momentum", 0.1))
+# the official PAM protocol: 5% clean split, 3 rounds of 30 epochs at a constant learning rate
+UNLEARN_DEFAULTS = (("split_ratio", 0.05), ("epochs", 30))
 EXTRA_MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("ft-sam", False, "all", False, "fine-tuning with adaptive sharpness-aware minimisation (FT-SAM)", step="sam",
          defaults=(("lb_smooth", 0.1),)),
-    Mode("bti", False, "all", False, "BTI-DBF unlearning on inverted-trigger images with their true labels",
-         unlearn=True, defaults=UNLEARN_DEFAULTS),
+    Mode("bti", False, "all", False, "BTI-DBF(U) unlearning: CE on inverted-trigger images with their true labels "
+         "+ feature-map MSE to the clean batch, Adam", unlearn=True, feature_mse=True, optimizer="adam",
+         schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 1e-4),)),
     Mode("pam", False, "all", False, "BTI-DBF unlearning with path-aware minimisation steps (PAM)", step="pam",
-         unlearn=True, defaults=UNLEARN_DEFAULTS),
+         unlearn=True, schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 0.01), ("momentum", 0.1))),
 )}
 ALL_MODES: dict[str, Mode] = {**MODES, **EXTRA_MODES}
 NORM_PROJ = ("all", "fst", "none")
@@ -148,6 +155,9 @@ class PurifySettings:
     rounds: int = 3               # bti/pam: rounds of (re-invert the trigger, `epochs` epochs of unlearning)
     unlearn_ratio: float = 0.2    # bti/pam: share of each batch replaced by synthesised trigger images
     bti: object = None            # bti/pam: utils.bti.BTISettings (None: its defaults with this seed)
+    # bti/pam: a dict shared by the modes of one run, so that they reuse one pre-trained generator
+    # (pre-training depends only on the backdoored model, the tuning images and the BTI settings)
+    shared: dict | None = None
 
 
 def _set_trainable(model: nn.Module, head: nn.Linear, trains: str) -> list[nn.Parameter]:
@@ -182,13 +192,17 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
     if mode.reinit_head:
         reinit_linear(head, settings.seed)
     params = _set_trainable(model, head, mode.trains)
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
+    if mode.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=settings.lr)
+    else:
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
     total_epochs = settings.epochs * (settings.rounds if mode.unlearn else 1)
-    scheduler = engine.cosine_scheduler(optimizer, total_epochs)
+    scheduler = engine.cosine_scheduler(optimizer, total_epochs) if mode.schedule == "cosine" else None
     project = mode.name in MODES and (settings.norm_proj == "all" or (settings.norm_proj == "fst" and mode.feature_shift))
     shift = WeightShift(params) if mode.step != "sgd" else None
     anchor = [p.detach().clone() for p in params] if mode.step == "pam" else None
     unlearning = _Unlearning(model, images, labels, pipeline, settings, amp) if mode.unlearn else None
+    mix_gen = engine.make_generator(settings.seed, images.device, f"unlearn-mix-{mode.name}")
 
     def objective(logits, y):
         loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
@@ -199,7 +213,12 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
 
     def loss_fn(net, x, y, idx):
         if unlearning is not None:
-            x = unlearning.mix(x)
+            clean, x = x, unlearning.mix(x, mix_gen)
+            if mode.feature_mse:
+                mixed_maps = net.feature_maps(x)
+                logits = net.logits_from_maps(mixed_maps)
+                feature_term = F.mse_loss(net.feature_maps(clean).float(), mixed_maps.float())
+                return objective(logits, y) + feature_term, logits
         if mode.step == "sam":
             grads = torch.autograd.grad(objective(net(x), y), params, allow_unused=True)
             shift.apply(sam_offsets(params, grads, settings.sam_rho, settings.sam_adaptive))
@@ -226,14 +245,15 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
         if unlearning is not None:
             extra["round"] = (epoch - 1) // settings.epochs + 1
             if (epoch - 1) % settings.epochs == 0:
-                found = unlearning.invert(extra["round"])
+                found = unlearning.invert(model, extra["round"])
                 if info is not None:
                     info.setdefault("rounds", []).append(found)
         lr = optimizer.param_groups[0]["lr"]
         stats = engine.train_epoch(model, images, labels, pipeline, optimizer, settings.batch_size, gen, loss_fn,
                                    after_step, amp, desc="tune", progress=settings.progress, set_train_mode=train_mode,
                                    before_step=shift.restore if shift is not None else None)
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         if epoch % settings.eval_every == 0 or epoch == total_epochs:
             metrics = evaluate(model)
         else:
@@ -248,34 +268,34 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
 
 
 class _Unlearning:
-    """BTI-DBF's side of the bti/pam modes: a generator pre-trained once, then at each round a
-    feature mask and the backdoor generator learnt against the current model; batches get their
-    first `unlearn_ratio` share replaced by generator outputs (the batch order is random, so the
-    first images are a random choice), labels unchanged."""
+    """BTI-DBF's side of the bti/pam modes: trigger inversion at the start of each round (see
+    `bti.Inverter`) and the batch mixing of the official code: int(ratio * B + 1) images at random
+    positions of each batch (none when the ratio is 0) replaced by generator outputs, labels unchanged."""
 
     def __init__(self, model, images, labels, pipeline, settings: PurifySettings, amp):
-        from utils import bti
-
-        self.bti = bti
-        self.model, self.images, self.labels, self.pipeline, self.amp = model, images, labels, pipeline, amp
         self.ratio = settings.unlearn_ratio
-        self.settings = settings.bti or bti.BTISettings(seed=settings.seed, progress=settings.progress,
-                                                        batch_size=settings.batch_size)
-        self.generator = bti.UNetGenerator(images.shape[1], self.settings.width).to(images.device)
-        self.pretrain = bti.pretrain_generator(self.generator, images, pipeline, self.settings, amp)
+        cfg = settings.bti or bti.BTISettings(seed=settings.seed, progress=settings.progress,
+                                              batch_size=settings.batch_size)
+        shared = settings.shared if settings.shared is not None else {}
+        key = ("bti-pretrain", resources.tensor_digest(images.cpu()), cfg.pretrain_epochs, cfg.pretrain_lr,
+               cfg.unet_width, cfg.unet_blocks, cfg.batch_size, cfg.seed)
+        if key not in shared:
+            generator = bti.UNetGenerator(images.shape[1], cfg.unet_width, cfg.unet_blocks, cfg.seed).to(images.device)
+            rows = bti.pretrain_generator(generator, model, images, pipeline, cfg, amp)
+            shared[key] = (generator.state_dict(), rows)
+        state, rows = shared[key]
+        generator = bti.UNetGenerator(images.shape[1], cfg.unet_width, cfg.unet_blocks, cfg.seed).to(images.device)
+        generator.load_state_dict(state)
+        self.inverter = bti.Inverter(model, images, labels, pipeline, cfg, amp, generator, rows)
 
-    def invert(self, round_no: int) -> dict:
-        mask = self.bti.learn_feature_mask(self.model, self.images, self.labels, self.pipeline, self.settings, self.amp)
-        stats = self.bti.train_generator(self.generator, self.model, mask, self.images, self.pipeline, self.settings,
-                                         self.amp)
-        target, share = self.bti.detect_target(self.model, self.generator, self.images, self.pipeline, amp=self.amp)
-        return {"round": round_no, "detected_target": target, "target_share": share,
-                "mask_mean": float(mask.mean()), **{k: float(v) for k, v in stats.items()}}
+    def invert(self, model: nn.Module, round_no: int) -> dict:
+        return self.inverter.invert(model, round_no)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        k = int(round(len(x) * self.ratio))
+    def mix(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        k = min(len(x), int(self.ratio * len(x) + 1)) if self.ratio > 0 else 0
         if k == 0:
             return x
+        pos = torch.randperm(len(x), device=x.device, generator=gen)[:k]
         x = x.clone()
-        x[:k] = self.bti.synthesize(self.generator, x[:k]).to(x.dtype)
+        x[pos] = bti.synthesize(self.inverter.generator, x[pos]).to(x.dtype)
         return x
