@@ -231,7 +231,10 @@ def test_ft_poison_cli_end_to_end(purified):
     assert (folder / "defense" / "fst" / "retune" / "result.json").read_bytes() == stamp
     # the robustness table reads these results; what is missing shows as "-"
     table = robustness_table.main([str(root), "--dataset", "cifar10", "--model", "smallcnn", "--attacks", "badnet"])
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    body, notes = table.split("\n\n")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body.splitlines()[2:]}
+    # the table reads the untagged results: FST and no defense, both retuned on the shared set
+    assert notes == "RA set (badnet): shared split 0.02 seed 42 (6 images), 5 poisoned, every row"
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     assert rows["FST"] == [pct(purification["after"]["clean_acc"]), pct(purification["after"]["asr"]),
                            pct(fst["after"]["clean_acc"]), pct(fst["after"]["asr"])]
@@ -279,3 +282,20 @@ def test_ft_poison_script_exit_code(purified):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no purified model") and "Traceback" not in proc.stderr
+
+
+def test_robustness_table_names_differing_retuning_sets(tmp_path):
+    """A table whose rows were retuned on different sets says so (older results, without a source,
+    used the purification's own subset)."""
+    rec = tmp_path / "cifar10" / "badnet" / "pratio_0.1-target_0-archi_smallcnn"
+    metrics = {"clean_acc": 0.9, "asr": 0.1, "ra": 0.8}
+    shared = {"source": "shared", "split_ratio": 0.02, "random_seed": 42, "split_mode": "uniform"}
+    older = {"split_ratio": 0.05, "random_seed": 0, "split_mode": "uniform"}
+    for folder, tuning, size in ((rec / "retune", shared, 6), (rec / "defense" / "fst" / "retune", shared, 6),
+                                 (rec / "defense" / "pam" / "retune", older, 15)):
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"before": metrics, "after": metrics, "tuning": tuning,
+                                                        "tuning_size": size, "poison_num": 5}))
+    table = robustness_table.markdown(tmp_path, "cifar10", "smallcnn", ["badnet"])
+    assert table.splitlines()[-1] == ("RA sets (badnet) differ: no defense, FST: shared split 0.02 seed 42 (6 images), "
+                                      "5 poisoned; PAM: the defense's own split 0.05 seed 0 (15 images), 5 poisoned")
