@@ -15,7 +15,10 @@ from torch import nn
 from tests.conftest import RECORD_REL, copy_record
 from utils import engine
 from utils.errors import UserError, run_cli
-from utils.qra import FrozenModel, PerturbationGenerator, QRASettings, AttackSamples, main, train_generator
+from utils.datasets import ImageSet
+from utils.poison import BackdoorTestSet, PoisonedTrainSet
+from utils.qra import (AttackSamples, FrozenModel, PerturbationGenerator, QRASettings, build_parser, draw_samples, evaluate,
+                       main, train_generator)
 from utils.record import clean_state_dict, load_record, save_torch
 
 EPS = 16 / 255
@@ -57,6 +60,90 @@ def test_generator_is_deterministic_with_seed():
     torch.manual_seed(123)
     PerturbationGenerator((1, 6, 6), hidden=12, eps=EPS, seed=3)
     assert torch.equal(torch.rand(1), before)
+
+
+def test_default_generator_is_the_official_mlp_on_the_normalised_image():
+    """D -> 1024 -> 1024 -> 1024 -> D with ReLU between, fed the normalised image; δ = eps * tanh(.)
+    added to the pixels and clipped. Recomputed here layer by layer from the generator's weights."""
+    shape, mean, std = (2, 4, 4), torch.tensor([0.3, 0.6]), torch.tensor([0.2, 0.4])
+    gen = PerturbationGenerator(shape, eps=EPS, seed=0, mean=mean, std=std)
+    linears = [m for m in gen.net if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 1024), (1024, 1024), (1024, 1024), (1024, 32)]
+    assert sum(isinstance(m, nn.ReLU) for m in gen.net) == 3 and isinstance(gen.net[-1], nn.Linear)
+    x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(2))
+    normalised = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    h = normalised.flatten(1)
+    for i, layer in enumerate(linears):
+        h = h @ layer.weight.T + layer.bias
+        if i < len(linears) - 1:
+            h = torch.relu(h)
+    delta = torch.clamp(torch.tanh(h) * EPS, -EPS, EPS).view(5, *shape)
+    expected = torch.clamp(normalised * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1) + delta, 0, 1)
+    with torch.no_grad():
+        assert torch.allclose(gen.perturb(x), expected, atol=1e-6)
+        # the same weights on the [0, 1] pixels (the earlier toolkit generator's input) give another δ
+        pixels = PerturbationGenerator(shape, eps=EPS, seed=0)
+        assert not torch.allclose(pixels(x), gen(x), atol=1e-4)
+    assert "mean" not in gen.state_dict()  # the statistics come from the dataset, not the checkpoint
+    args = build_parser().parse_args([])
+    assert (args.hidden, args.generator_input, args.poison_source) == ("1024,1024,1024", "normalised", "record")
+
+
+def _poisoned_train(n: int, target: int, poisoned: list[int], true: list[int]) -> PoisonedTrainSet:
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 200, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    true_labels = torch.tensor(true)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[poisoned] = True
+    images[mask] = 255  # the "trigger" of these fabricated poisoned images
+    labels = torch.where(mask, torch.full_like(true_labels, target), true_labels)
+    return PoisonedTrainSet(images, labels, true_labels, mask)
+
+
+def _patch(x: torch.Tensor) -> torch.Tensor:  # a test-time trigger that is easy to recognise
+    x = x.clone()
+    x[..., 0, 0] = 7
+    return x
+
+
+def test_qra_poisoned_samples_are_the_victims_own_poisoned_training_images():
+    n, target = 40, 0
+    true = [i % 4 for i in range(n)]
+    recorded = [1, 2, 3, 4, 5, 6]  # 4 is of the target class: left out, as officially
+    poisoned_train = _poisoned_train(n, target, recorded, true)
+    clean = ImageSet(torch.randint(0, 200, (n, 1, 4, 4), generator=torch.Generator().manual_seed(6), dtype=torch.uint8),
+                     torch.tensor(true))
+    samples, n_recorded = draw_samples(clean, _patch, target, "all2one", 4, 10, 4, seed=0, poisoned_train=poisoned_train)
+    assert n_recorded == 4 and int(samples.poisoned.sum()) == 4 and len(samples.labels) == 14
+    got = samples.images[samples.poisoned]
+    assert (got == 255).all()  # the recorded images, not triggered clean ones
+    # a seeded choice among the five eligible ones, with their true labels (target class excluded)
+    eligible = {i: true[i] for i in recorded if true[i] != target}
+    assert set(samples.labels[samples.poisoned].tolist()) <= set(eligible.values())
+    assert (samples.targets[samples.poisoned] == target).all()
+    # too few recorded: all five, topped up with triggered clean non-target images
+    more, n_recorded = draw_samples(clean, _patch, target, "all2one", 4, 10, 8, seed=0, poisoned_train=poisoned_train)
+    assert n_recorded == 5 and int(more.poisoned.sum()) == 8
+    tail = more.images[more.poisoned]
+    assert (tail[:5] == 255).all() and (tail[5:, :, 0, 0] == 7).all() and (more.labels[more.poisoned][5:] != target).all()
+    # --poison_source trigger: the earlier behaviour, every poisoned sample made with the test trigger
+    made, n_recorded = draw_samples(clean, _patch, target, "all2one", 4, 10, 4, seed=0)
+    assert n_recorded == 0 and (made.images[made.poisoned][:, :, 0, 0] == 7).all()
+    assert torch.equal(made.images[~made.poisoned], samples.images[~samples.poisoned])  # same clean draw
+
+
+def test_clean_to_target_is_the_share_of_clean_images_predicted_as_the_target():
+    net = _linear_net(0)
+    g = torch.Generator().manual_seed(3)
+    clean_test = ImageSet(torch.randint(0, 256, (50, 1, 4, 4), generator=g, dtype=torch.uint8),
+                          torch.randint(0, 3, (50,), generator=g))
+    bd = BackdoorTestSet(clean_test.images[:10], torch.zeros(10, dtype=torch.long), clean_test.labels[:10], torch.arange(10))
+    pred = net.logits(clean_test.images.float() / 255).argmax(1)
+    for target in range(3):
+        out = evaluate(net, clean_test, bd, torch.full((50,), target))
+        assert out["clean_to_target"] == pytest.approx(float((pred == target).float().mean()))
+    # every image is predicted as some class: the three shares add up to one
+    assert sum(evaluate(net, clean_test, bd, torch.full((50,), t))["clean_to_target"] for t in range(3)) == pytest.approx(1)
 
 
 def _linear_net(seed: int) -> FrozenModel:
@@ -125,7 +212,10 @@ def test_cli_end_to_end_writes_results_and_refuses_overwrite(tiny_cifar10, qra_r
     assert set(data["before"]) == {"retuned", "purified", "clean"} and set(data["after"]) == {"purified", "clean"}
     for group in (data["before"], data["after"]):
         for numbers in group.values():
-            assert all(0.0 <= numbers[k] <= 1.0 for k in ("clean_acc", "asr", "ra"))
+            assert all(0.0 <= numbers[k] <= 1.0 for k in ("clean_acc", "asr", "ra", "clean_to_target"))
+    # the tiny record holds enough poisoned non-target training images: all 20 are the victim's own
+    assert (data["settings"]["poison_source"], data["settings"]["n_poison_recorded"]) == ("record", 20)
+    assert data["settings"]["hidden"] == [32] and data["settings"]["normalised_input"] is True
     assert data["before"]["purified"] == data["before"]["retuned"]  # same weights fabricated for both
     assert str(tiny_cifar10) not in json.dumps(data["args"])  # no absolute paths
     with open(out / "metrics.csv") as fh:
@@ -139,7 +229,8 @@ def test_cli_end_to_end_writes_results_and_refuses_overwrite(tiny_cifar10, qra_r
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert float((gen.perturb(x) - x).abs().max()) <= EPS + 1e-6
-    assert "ASR+δ" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ASR+δ" in printed and "C+δ→tgt" in printed and "clean + δ predicted as the target" in printed
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 
     stamp = (out / "result.json").stat().st_mtime_ns

@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import REPO_ROOT, copy_record
-from utils import finetune, retune, robustness_table
+from utils import engine, finetune, retune, robustness_table
 from utils.errors import UserError
 from utils.record import load_record
 from utils.victim import rebuild_experiment
@@ -56,12 +58,112 @@ def test_new_modes_write_results_like_the_five(purified):
     assert lines[0].split(",")[:2] == ["epoch", "round"] and len(lines) == 3
 
 
+def _plan_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"split_ratio": None, "split_mode": None, "random_seed": None, "dataset": "cifar10",
+                                 "ra_split": "shared", **kw})
+
+
+def test_every_defense_faces_the_same_retuning_set_by_default(purified):
+    """FST (split 0.1, seed 3), PAM (split 0.1, seed 0) and the unpurified model get one RA set: a
+    0.02 split drawn with seed 42 and the same poisoned samples at the same positions; --ra_split
+    defense gives each its own purification subset back."""
+    _, folder, data = purified
+    record = load_record(folder)
+    exp = rebuild_experiment(record, str(data), CPU)
+    plans = {t: retune.tuning_plan(_plan_args(), folder, t) for t in ("fst", "pam", "none")}
+    assert all(p == {"source": "shared", "split_ratio": 0.02, "random_seed": 42, "split_mode": "uniform", "digest": None}
+               for p in plans.values())
+    sets = {t: retune.retuning_set(exp, record, p, 5, seed=p["random_seed"]) for t, p in plans.items()}
+    shared = finetune.tuning_set(exp.clean_train.labels, argparse.Namespace(split_ratio=0.02, random_seed=42,
+                                                                             split_mode="uniform"))
+    for got in sets.values():
+        assert torch.equal(got["tuning_indices"], shared)
+        assert torch.equal(got["images"], sets["fst"]["images"]) and torch.equal(got["labels"], sets["fst"]["labels"])
+        assert got["set_digest"] == sets["fst"]["set_digest"] and int(got["poisoned"].sum()) == 5
+    own = {t: retune.tuning_plan(_plan_args(ra_split="defense"), folder, t) for t in ("fst", "pam")}
+    assert [(own[t]["source"], own[t]["split_ratio"], own[t]["random_seed"]) for t in ("fst", "pam")] == \
+        [("defense", 0.1, 3), ("defense", 0.1, 0)]
+    for t in ("fst", "pam"):
+        purification = json.loads((folder / "defense" / t / "result.json").read_text())
+        assert retune.retuning_set(exp, record, own[t], 5, seed=0)["digest"] == purification["tuning_digest"]
+
+
+class _Recorder(nn.Module):
+    """A linear model that keeps every input batch it is given."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.linear = nn.Linear(features, classes)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().flatten(1).clone())
+        return self.linear(x.flatten(1))
+
+
+class _AlwaysFlip(engine.Pipeline):
+    def augment(self, x_u8, gen=None):
+        return x_u8.flip(3)
+
+
+def _retune_inputs(pipeline, mode: str, epochs: int = 3):
+    """Run retune() on 12 random 6x6 images (2 of them poisoned); returns the images, the poisoned
+    mask and, per epoch, every input row that reached the model."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 1, 6, 6), generator=g, dtype=torch.uint8)
+    poisoned = torch.zeros(12, dtype=torch.bool)
+    poisoned[[2, 7]] = True
+    data = {"images": images, "labels": torch.arange(12) % 3, "poisoned": poisoned}
+    model = _Recorder(36, 3)
+    args = argparse.Namespace(lr=0.01, momentum=0.9, epochs=epochs, batch_size=5, augment=mode, progress=False)
+    exp = SimpleNamespace(device=CPU, pipeline=pipeline)
+    retune.retune(model, data, exp, args, 0, None, lambda m: {})
+    per_epoch = [torch.cat(model.seen[i:i + 3]) for i in range(0, len(model.seen), 3)]  # 3 batches per epoch
+    return images, poisoned, per_epoch
+
+
+def _contains(rows: torch.Tensor, x: torch.Tensor) -> bool:
+    return bool((rows == x.flatten()).all(1).any())
+
+
+def _plain(x_u8):  # the evaluation transform of the test pipelines (mean 0, std 1)
+    return x_u8.float() / 255
+
+
+def test_retuning_augments_the_clean_samples_and_leaves_the_poisoned_ones_alone():
+    """With a pipeline that always flips: the poisoned samples reach the loss unflipped, the clean
+    ones flipped (a flipped BadNet patch would sit in the other corner)."""
+    flip = _AlwaysFlip(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), 6, 6, True, pad=0)
+    for mode in ("once", "epoch"):
+        images, poisoned, per_epoch = _retune_inputs(flip, mode)
+        for rows in per_epoch:
+            assert len(rows) == 12
+            for i in range(12):
+                if poisoned[i]:
+                    assert _contains(rows, _plain(images[i])) and not _contains(rows, _plain(images[i].flip(2)))
+                else:
+                    assert _contains(rows, _plain(images[i].flip(2))) and not _contains(rows, _plain(images[i]))
+    # --augment all, the earlier behaviour: the poisoned samples are flipped as well
+    images, poisoned, per_epoch = _retune_inputs(flip, "all")
+    assert all(_contains(rows, _plain(images[i].flip(2))) for rows in per_epoch for i in (2, 7))
+
+
+def test_retuning_draws_the_clean_augmentation_once_by_default():
+    """Officially the set is built once with its augmentation drawn then: every epoch sees the same
+    crops; --augment epoch draws new ones each epoch."""
+    pipe = engine.Pipeline(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), 6, 6, True, pad=2)
+    _, _, once = _retune_inputs(pipe, "once")
+    same = lambda a, b: bool((a[:, None] == b[None]).all(-1).any(1).all())  # noqa: E731
+    assert same(once[0], once[1]) and same(once[0], once[2])
+    _, _, fresh = _retune_inputs(pipe, "epoch")
+    assert not same(fresh[0], fresh[1])
+
+
 def test_retuning_set_changes_only_poison_num_samples_of_the_purification_subset(purified):
     root, folder, data = purified
     record = load_record(folder)
     exp = rebuild_experiment(record, str(data), CPU)
-    plan = retune.tuning_plan(argparse.Namespace(split_ratio=None, split_mode=None, random_seed=None, dataset="cifar10"),
-                              folder, "fst")
+    plan = retune.tuning_plan(_plan_args(ra_split="defense"), folder, "fst")
     assert (plan["split_ratio"], plan["random_seed"]) == (0.1, 3)
     data_set = retune.retuning_set(exp, record, plan, 5, seed=3)
     used = finetune.tuning_set(exp.clean_train.labels, argparse.Namespace(split_ratio=0.1, random_seed=3,
@@ -71,6 +173,7 @@ def test_retuning_set_changes_only_poison_num_samples_of_the_purification_subset
     clean_labels = exp.clean_train.labels[used]
     changed = ((data_set["images"] != clean_images).flatten(1).any(1) | (data_set["labels"] != clean_labels))
     assert sorted(torch.nonzero(changed).flatten().tolist()) == data_set["positions"]
+    assert torch.nonzero(data_set["poisoned"]).flatten().tolist() == data_set["positions"]
     assert len(data_set["positions"]) == 5
     # the replacements are the record's own poisoned training samples, labelled as the target
     assert not data_set["made"]
@@ -105,12 +208,22 @@ def test_ft_poison_cli_end_to_end(purified):
     # "before" is the purified model itself: its metrics are the purification's "after"
     for key in ("clean_acc", "asr", "ra"):
         assert fst["before"][key] == pytest.approx(purification["after"][key], abs=1e-6)
-    assert fst["tuning_digest"] == purification["tuning_digest"] and fst["poison_num"] == 5
+    assert fst["poison_num"] == 5 and fst["augment"] == "once" and fst["seed"] == 42
     assert len((folder / "defense" / "fst" / "retune" / "metrics.csv").read_text().splitlines()) == 3
     assert (folder / "defense" / "fst" / "retune" / "model.pt").is_file()
     none = json.loads((folder / "retune" / "result.json").read_text())
-    assert none["defense_type"] == "none" and none["tuning"]["split_ratio"] == 0.02
-    assert set(results) == {"fst", "none"}
+    assert none["defense_type"] == "none" and set(results) == {"fst", "none"}
+    # one RA set for both, whatever split FST tuned on (0.1, seed 3); result.json says which
+    for result in (fst, none):
+        assert result["tuning"] == {"source": "shared", "split_ratio": 0.02, "random_seed": 42, "split_mode": "uniform"}
+        assert result["tuning_size"] == 6
+    assert fst["ra_set_digest"] == none["ra_set_digest"] and fst["tuning_digest"] == none["tuning_digest"]
+    assert fst["tuning_digest"] != purification["tuning_digest"]
+    # --ra_split defense: the purification's own subset again
+    retune.main(_common(root, data) + ["--defense_type", "fst", "--epochs", "1", "--ra_split", "defense", "--tag", "own"])
+    own = json.loads((folder / "defense" / "fst" / "retune_own" / "result.json").read_text())
+    assert own["tuning"]["source"] == "defense" and own["tuning_digest"] == purification["tuning_digest"]
+    assert own["seed"] == 3 and own["tuning_size"] == 30
     # a second run refuses before any work, and keeps the first result
     stamp = (folder / "defense" / "fst" / "retune" / "result.json").read_bytes()
     with pytest.raises(UserError, match="already exists"):
@@ -118,7 +231,10 @@ def test_ft_poison_cli_end_to_end(purified):
     assert (folder / "defense" / "fst" / "retune" / "result.json").read_bytes() == stamp
     # the robustness table reads these results; what is missing shows as "-"
     table = robustness_table.main([str(root), "--dataset", "cifar10", "--model", "smallcnn", "--attacks", "badnet"])
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    body, notes = table.split("\n\n")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body.splitlines()[2:]}
+    # the table reads the untagged results: FST and no defense, both retuned on the shared set
+    assert notes == "RA set (badnet): shared split 0.02 seed 42 (6 images), 5 poisoned, every row"
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     assert rows["FST"] == [pct(purification["after"]["clean_acc"]), pct(purification["after"]["asr"]),
                            pct(fst["after"]["clean_acc"]), pct(fst["after"]["asr"])]
@@ -131,7 +247,8 @@ def test_ft_poison_errors(purified, tmp_path):
     root, folder, data = purified
     cases = [
         (["--defense_type", "lp"], "no purified model"),
-        (["--defense_type", "fst", "--split_ratio", "0.5", "--tag", "x"], "apply only to --defense_type none"),
+        (["--defense_type", "fst", "--split_ratio", "0.5", "--ra_split", "defense", "--tag", "x"],
+         "apply only to --defense_type none"),
         (["--defense_type", "fst", "--poison_num", "-1"], "--poison_num"),
         (["--defense_type", "fst", "--poison_num", "1000", "--tag", "big"], "exceeds"),
         (["--defense_type", "../x"], "not a folder name"),
@@ -139,7 +256,8 @@ def test_ft_poison_errors(purified, tmp_path):
     for extra, message in cases:
         with pytest.raises(UserError, match=message):
             retune.main(_common(root, data) + extra)
-    assert not list((folder / "defense" / "fst").glob("retune_*")), "a failed run left a folder behind"
+    assert not [p for p in (folder / "defense" / "fst").glob("retune_*") if p.name != "retune_own"], \
+        "a failed run left a folder behind"
     # a purification without weights, and a changed tuning subset, are named as such
     nosave = folder / "defense" / "ft-sam"
     (nosave / "model.pt").rename(tmp_path / "model.pt")
@@ -153,7 +271,7 @@ def test_ft_poison_errors(purified, tmp_path):
     result_path.write_text(original.replace(json.loads(original)["tuning_digest"], "0" * 16))
     try:
         with pytest.raises(UserError, match="differs from the one the purification used"):
-            retune.main(_common(root, data) + ["--defense_type", "bti", "--tag", "digest"])
+            retune.main(_common(root, data) + ["--defense_type", "bti", "--ra_split", "defense", "--tag", "digest"])
     finally:
         result_path.write_text(original)
 
@@ -164,3 +282,20 @@ def test_ft_poison_script_exit_code(purified):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no purified model") and "Traceback" not in proc.stderr
+
+
+def test_robustness_table_names_differing_retuning_sets(tmp_path):
+    """A table whose rows were retuned on different sets says so (older results, without a source,
+    used the purification's own subset)."""
+    rec = tmp_path / "cifar10" / "badnet" / "pratio_0.1-target_0-archi_smallcnn"
+    metrics = {"clean_acc": 0.9, "asr": 0.1, "ra": 0.8}
+    shared = {"source": "shared", "split_ratio": 0.02, "random_seed": 42, "split_mode": "uniform"}
+    older = {"split_ratio": 0.05, "random_seed": 0, "split_mode": "uniform"}
+    for folder, tuning, size in ((rec / "retune", shared, 6), (rec / "defense" / "fst" / "retune", shared, 6),
+                                 (rec / "defense" / "pam" / "retune", older, 15)):
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"before": metrics, "after": metrics, "tuning": tuning,
+                                                        "tuning_size": size, "poison_num": 5}))
+    table = robustness_table.markdown(tmp_path, "cifar10", "smallcnn", ["badnet"])
+    assert table.splitlines()[-1] == ("RA sets (badnet) differ: no defense, FST: shared split 0.02 seed 42 (6 images), "
+                                      "5 poisoned; PAM: the defense's own split 0.05 seed 0 (15 images), 5 poisoned")

@@ -1,9 +1,8 @@
-"""`fine_tune/qra.py`: the query-based reactivation attack (QRA, REFERENCE §6).
+"""`fine_tune/qra.py`: the query-based reactivation attack (QRA).
 
 A purified model may keep its backdoor dormant: a few poisoned samples retune it back (the retuning
 attack, `fine_tune/ft_poison.py`). QRA asks whether the same reactivation can be had by perturbing
-inputs alone, without touching the weights. It learns a perturbation generator δ(x) (an MLP
-autoencoder on the flattened [0, 1] image with output `eps * tanh(...)`) such that
+inputs alone, without touching the weights. It learns a perturbation generator δ(x) such that
 
     loss = CE(clean(x + δ(x)), y) + alpha_qra * KL(retuned(x) || purified(x + δ(x)))
 
@@ -12,6 +11,15 @@ the retuned one (so triggered inputs go to the target), while a clean model on p
 keeps the true label (so δ is not a universal adversarial perturbation that would fool any model).
 A real reactivation shows a high ASR of `x_bd + δ(x_bd)` on the purified model and a low one on
 the clean model. All three models are frozen; only the generator learns.
+
+As in the official qra.py, the generator is an MLP on the flattened *normalised* image, D -> 1024 ->
+1024 -> 1024 -> D with ReLU between, whose output `eps * tanh(.)` is added in pixel space and
+clipped to [0, 1]; and the poisoned samples are the victim's own poisoned training images (those of
+non-target classes under all-to-one). A record without enough of them (clean-label attacks, whose
+poisoned images all belong to the target class; WaNet and Input-aware, which poison inside each
+batch; a low pratio) gets the rest made with the test-time trigger on clean training images.
+Besides C-Acc and ASR the report gives the official "clean + δ predicted as the target": the share
+of all clean test images that a model labels as the target once δ is added.
 
 Perturbed images stay float (x + δ clipped to [0, 1], not rounded back to uint8), as in the paper.
 """
@@ -35,32 +43,55 @@ from utils.attacks import get_attack, make_trigger
 from utils.config import dump_yaml
 from utils.datasets import ImageSet
 from utils.errors import UserError
-from utils.poison import backdoor_test_set
+from utils.poison import PoisonedTrainSet, backdoor_labels, backdoor_test_set
 from utils.record import (RECORD_FILE, StagedFolder, clean_state_dict, find_record, load_record, load_torch_file, portable_path,
                           save_torch, write_csv, write_json, write_text)
 from utils.robustness import (NONE, add_record_options, add_run_options, check_record_args, build_loaded_model, check_tag, find_clean_record, load_source_state,
                               source_folder, tagged)
 from utils.victim import device_name, rebuild_experiment, versions
 
-DEFAULT_HIDDEN = 512
+DEFAULT_HIDDEN = (1024, 1024, 1024)  # the official generator's hidden widths
+GENERATOR_INPUTS = ("normalised", "pixels")
+POISON_SOURCES = ("record", "trigger")
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'1024,1024,1024' -> (1024, 1024, 1024)."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise UserError(f"--hidden must be comma-separated positive widths such as 1024,1024,1024, got {text!r}")
+    return widths
 
 
 # --- the generator ----------------------------------------------------------------------------
 
 class PerturbationGenerator(nn.Module):
-    """MLP autoencoder on the flattened image: D -> hidden -> hidden/4 -> hidden -> D, ReLU between,
-    output `eps * tanh(.)` reshaped to the image. Works on images in [0, 1] (eps in the same units).
-    Weights are drawn from a CPU generator seeded with `seed`, so the same seed gives the same
+    """MLP on the flattened image: D -> hidden[0] -> ... -> hidden[-1] -> D, ReLU between, output
+    `eps * tanh(.)` reshaped to the image. Takes images in [0, 1] (eps in the same units); with `mean`
+    and `std` the MLP sees the normalised image, as the official generator does, else the [0, 1]
+    pixels. Weights are drawn from a CPU generator seeded with `seed`, so the same seed gives the same
     generator on every device and the global RNG is never touched."""
 
-    def __init__(self, shape: Sequence[int], hidden: int = DEFAULT_HIDDEN, eps: float = 16 / 255, seed: int = 0):
+    def __init__(self, shape: Sequence[int], hidden: Sequence[int] = DEFAULT_HIDDEN, eps: float = 16 / 255, seed: int = 0,
+                 mean: Sequence[float] | torch.Tensor | None = None, std: Sequence[float] | torch.Tensor | None = None):
         super().__init__()
-        if hidden < 1 or eps <= 0:
-            raise UserError(f"the generator needs hidden >= 1 and eps > 0, got hidden {hidden}, eps {eps}")
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if not hidden or min(hidden) < 1 or eps <= 0:
+            raise UserError(f"the generator needs hidden widths >= 1 and eps > 0, got hidden {hidden}, eps {eps}")
+        if (mean is None) != (std is None):
+            raise UserError("the generator needs both mean and std, or neither")
         self.shape = tuple(int(s) for s in shape)
         self.eps = float(eps)
+        self.normalises = mean is not None
+        if self.normalises:  # not in the state dict: result.json records the input, the dataset the statistics
+            view = (1, -1, 1, 1)
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(view), persistent=False)
+            self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(view), persistent=False)
         dim = math.prod(self.shape)
-        widths = [dim, hidden, max(1, hidden // 4), hidden, dim]
+        widths = [dim, *hidden, dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.utils.skip_init(nn.Linear, a, b))  # no default init: it would draw from the global RNG
@@ -78,6 +109,8 @@ class PerturbationGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """δ(x) for images `x` (N, C, H, W) in [0, 1]: float32, |δ| <= eps (tanh and the scaling run in
         float32 even under autocast, so a low-precision rounding can never push it past eps)."""
+        if self.normalises:
+            x = (x - self.mean) / self.std
         h = self.net(x.reshape(len(x), -1))
         return (self.eps * torch.tanh(h.float())).view(len(x), *self.shape)
 
@@ -125,9 +158,12 @@ def predict(net: FrozenModel, images_u8: torch.Tensor, generator: PerturbationGe
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images_u8.device)
 
 
-def evaluate(net: FrozenModel, clean_test: ImageSet, bd_test, generator: PerturbationGenerator | None = None,
-             batch_size: int = 0, amp: torch.dtype | None = None) -> dict[str, float]:
-    """C-Acc on the clean test set, ASR and RA on the backdoor test set, each image perturbed by
+def evaluate(net: FrozenModel, clean_test: ImageSet, bd_test, clean_targets: torch.Tensor,
+             generator: PerturbationGenerator | None = None, batch_size: int = 0,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """C-Acc on the clean test set, ASR and RA on the backdoor test set, and `clean_to_target`: the
+    share of all clean test images (target class included, as the official report counts) predicted
+    as their backdoor label `clean_targets` (the target under all-to-one); each image perturbed by
     `generator` when given."""
     def rate(pred, labels):
         return float((pred == labels).float().mean()) if len(labels) else float("nan")
@@ -135,7 +171,7 @@ def evaluate(net: FrozenModel, clean_test: ImageSet, bd_test, generator: Perturb
     clean_pred = predict(net, clean_test.images, generator, batch_size, amp)
     bd_pred = predict(net, bd_test.images, generator, batch_size, amp)
     return {"clean_acc": rate(clean_pred, clean_test.labels), "asr": rate(bd_pred, bd_test.targets),
-            "ra": rate(bd_pred, bd_test.true_labels)}
+            "ra": rate(bd_pred, bd_test.true_labels), "clean_to_target": rate(clean_pred, clean_targets)}
 
 
 # --- training data and training ---------------------------------------------------------------
@@ -154,32 +190,57 @@ class AttackSamples:
         return AttackSamples(*(t.to(device) for t in (self.images, self.labels, self.targets, self.poisoned)))
 
 
+def recorded_poison_pool(poisoned_train: PoisonedTrainSet, target: int, label_trans: str) -> torch.Tensor:
+    """Indices of the victim's poisoned training images QRA may use: all of them, less (all-to-one)
+    those whose true label is the target, which the official code leaves out as well."""
+    keep = poisoned_train.poison_mask.cpu()
+    if label_trans == "all2one":
+        keep = keep & (poisoned_train.true_labels.cpu() != target)
+    return torch.nonzero(keep).flatten()
+
+
 def draw_samples(train: ImageSet, trigger, target: int, label_trans: str, num_classes: int, n_clean: int, n_poison: int,
-                 seed: int) -> AttackSamples:
-    """A seeded draw of `n_clean` clean images and `n_poison` other images with the test-time trigger
-    (for all2one only non-target images, as in the backdoor test set); the two groups are disjoint.
-    Fewer are taken, with a warning, when the training set is too small."""
+                 seed: int, poisoned_train: PoisonedTrainSet | None = None) -> tuple[AttackSamples, int]:
+    """A seeded draw of `n_clean` clean training images and `n_poison` poisoned ones: first a seeded
+    choice among the victim's own poisoned training images (`poisoned_train`, see
+    `recorded_poison_pool`), then, for what they lack, other clean images with the test-time trigger
+    (all-to-one: only non-target ones, as in the backdoor test set). Returns the samples and how many
+    poisoned ones came from the record. Fewer are taken, with a warning, when the sets are too small."""
     labels = train.labels
     gen = engine.make_generator(seed, torch.device("cpu"), "qra-samples")
     order = torch.randperm(len(labels), generator=gen)
     clean_idx = order[:n_clean]
+    images, true, targets = [train.images[clean_idx]], [labels[clean_idx]], [labels[clean_idx]]
+    n_recorded = 0
+    if poisoned_train is not None:
+        pool = recorded_poison_pool(poisoned_train, target, label_trans)
+        chosen = pool[torch.randperm(len(pool), generator=gen)[:n_poison]].sort().values
+        n_recorded = len(chosen)
+        idx = chosen.to(poisoned_train.images.device)
+        images.append(poisoned_train.images[idx].cpu())
+        true.append(poisoned_train.true_labels[idx].cpu())
+        targets.append(poisoned_train.labels[idx].cpu())
     rest = order[n_clean:]
     if label_trans == "all2one":
         rest = rest[labels[rest] != target]
-    poison_idx = rest[:n_poison]
-    if len(clean_idx) < n_clean or len(poison_idx) < n_poison:
+    made_idx = rest[:n_poison - n_recorded]
+    n_poisoned = n_recorded + len(made_idx)
+    if len(clean_idx) < n_clean or n_poisoned < n_poison:
         warnings.warn(f"the training set ({len(labels)} images) holds only {len(clean_idx)} clean and "
-                      f"{len(poison_idx)} poisonable images for QRA's {n_clean} + {n_poison}", stacklevel=2)
-    if len(poison_idx) == 0:
+                      f"{n_poisoned} poisoned or poisonable images for QRA's {n_clean} + {n_poison}", stacklevel=2)
+    if n_poisoned == 0:
         raise UserError(f"no training images left to poison after {len(clean_idx)} clean ones; lower --n_clean")
-    bd = backdoor_test_set(train.images[poison_idx], labels[poison_idx], trigger, target, label_trans, num_classes)
+    if len(made_idx):
+        bd = backdoor_test_set(train.images[made_idx], labels[made_idx], trigger, target, label_trans, num_classes)
+        images.append(bd.images)
+        true.append(bd.true_labels)
+        targets.append(bd.targets)
     n_c = len(clean_idx)
-    return AttackSamples(
-        images=torch.cat([train.images[clean_idx], bd.images]),
-        labels=torch.cat([labels[clean_idx], bd.true_labels]),
-        targets=torch.cat([labels[clean_idx], bd.targets]),
-        poisoned=torch.cat([torch.zeros(n_c, dtype=torch.bool), torch.ones(len(bd.targets), dtype=torch.bool)]),
+    samples = AttackSamples(
+        images=torch.cat(images), labels=torch.cat(true), targets=torch.cat(targets),
+        poisoned=torch.cat([torch.zeros(n_c, dtype=torch.bool), torch.ones(n_poisoned, dtype=torch.bool)]),
     )
+    return samples, n_recorded
 
 
 @dataclass
@@ -190,7 +251,8 @@ class QRASettings:
     lr: float = 0.1
     momentum: float = 0.9
     batch_size: int = 128
-    hidden: int = DEFAULT_HIDDEN
+    hidden: tuple[int, ...] = DEFAULT_HIDDEN
+    normalised_input: bool = True  # the generator sees the normalised image (official), else [0, 1] pixels
     seed: int = 0
     progress: bool = True
 
@@ -203,7 +265,8 @@ def train_generator(purified: FrozenModel, retuned: FrozenModel, clean: FrozenMo
     purified model's prediction equals the retuned model's."""
     device = samples.images.device
     n = len(samples.labels)
-    generator = PerturbationGenerator(samples.images.shape[1:], settings.hidden, settings.eps, settings.seed).to(device)
+    stats = (purified.pipeline.mean.flatten(), purified.pipeline.std.flatten()) if settings.normalised_input else (None, None)
+    generator = PerturbationGenerator(samples.images.shape[1:], settings.hidden, settings.eps, settings.seed, *stats).to(device)
     optimizer = torch.optim.SGD(generator.parameters(), lr=settings.lr, momentum=settings.momentum)
     order_gen = engine.make_generator(settings.seed, device, "qra-batches")
     with torch.no_grad():  # the teacher is frozen and its inputs fixed: its log-probabilities once
@@ -263,7 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     a("--batch_size", type=int, default=128, help="training batch size (default 128)")
-    a("--hidden", type=int, default=DEFAULT_HIDDEN, help=f"width of the generator MLP (bottleneck a quarter of it; default {DEFAULT_HIDDEN})")
+    a("--hidden", default=",".join(map(str, DEFAULT_HIDDEN)),
+      help="hidden widths of the generator MLP, comma-separated (default 1024,1024,1024 as officially; the earlier "
+           "toolkit generator was 512,128,512)")
+    a("--generator_input", default="normalised", choices=GENERATOR_INPUTS,
+      help="what the generator sees: the normalised image (official) or the [0, 1] pixels (default normalised)")
+    a("--poison_source", default="record", choices=POISON_SOURCES,
+      help="record: the victim's own poisoned training images, topped up with triggered clean ones when too few "
+           "(official); trigger: clean training images with the test-time trigger (default record)")
     a("--random_seed", type=int, default=0, help="seed of the sample draw, generator init and batch order (default 0)")
     add_run_options(p, "write to qra_<tag>/ instead of qra/", "replace an existing result (default false)")
     return p
@@ -278,8 +348,9 @@ def _settle_args(args: argparse.Namespace) -> None:
         raise UserError(f"--eps must be within (0, 255] (pixels out of 255), got {args.eps}")
     if args.n_clean < 1 or args.n_poison < 1:
         raise UserError(f"--n_clean and --n_poison must be at least 1, got {args.n_clean} and {args.n_poison}")
-    if args.epochs < 1 or args.batch_size < 1 or args.hidden < 1:
-        raise UserError(f"--epochs, --batch_size and --hidden must be positive, got {args.epochs}, {args.batch_size}, {args.hidden}")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError(f"--epochs and --batch_size must be positive, got {args.epochs} and {args.batch_size}")
+    args.hidden = ",".join(map(str, parse_widths(args.hidden)))
     if args.eval_batch_size < 0:
         raise UserError(f"--eval_batch_size must be 0 or positive, got {args.eval_batch_size}")
     if args.lr <= 0:
@@ -311,13 +382,15 @@ def _check_records(record: dict, clean_rec: dict, args: argparse.Namespace, fold
 
 
 def format_table(before: dict, after: dict) -> str:
-    """Model x (C-Acc, ASR) without and with δ, in percent."""
-    head = f"{'model':<10} {'C-Acc':>7} {'ASR':>7}   {'C-Acc+δ':>8} {'ASR+δ':>7}"
+    """Model x (C-Acc, ASR, clean predicted as the target) without and with δ, in percent."""
+    head = f"{'model':<10} {'C-Acc':>7} {'ASR':>7} {'C→tgt':>7}   {'C-Acc+δ':>8} {'ASR+δ':>7} {'C+δ→tgt':>8}"
     lines = [head, "-" * len(head)]
     for name in ("retuned", "purified", "clean"):
         b, a = before[name], after.get(name)
-        right = f"{100 * a['clean_acc']:8.2f} {100 * a['asr']:7.2f}" if a else f"{'-':>8} {'-':>7}"
-        lines.append(f"{name:<10} {100 * b['clean_acc']:7.2f} {100 * b['asr']:7.2f}   {right}")
+        right = (f"{100 * a['clean_acc']:8.2f} {100 * a['asr']:7.2f} {100 * a['clean_to_target']:8.2f}" if a
+                 else f"{'-':>8} {'-':>7} {'-':>8}")
+        lines.append(f"{name:<10} {100 * b['clean_acc']:7.2f} {100 * b['asr']:7.2f} {100 * b['clean_to_target']:7.2f}   {right}")
+    lines.append("C→tgt: share of all clean test images predicted as the target (C+δ→tgt: with δ added)")
     return "\n".join(lines)
 
 
@@ -361,20 +434,27 @@ def _run(args, folder, record, source, purified_state, retune_path, clean_folder
     clean = FrozenModel(build_loaded_model(clean_rec, clean_rec["model"], str(clean_folder / RECORD_FILE), clean_pipe, device),
                         clean_pipe)
     trigger = make_trigger(get_attack(record["attack"]), exp.trigger_params, False)
-    samples = draw_samples(exp.clean_train, trigger, record["attack_target"], record["attack_label_trans"],
-                           exp.info.num_classes, args.n_clean, args.n_poison, args.random_seed).to(device)
+    target, label_trans = record["attack_target"], record["attack_label_trans"]
+    samples, n_recorded = draw_samples(exp.clean_train, trigger, target, label_trans, exp.info.num_classes, args.n_clean,
+                                       args.n_poison, args.random_seed,
+                                       exp.train if args.poison_source == "record" else None)
+    samples = samples.to(device)
     n_poison = int(samples.poisoned.sum())
     n_clean = len(samples.labels) - n_poison
     print(f"QRA on {folder} (defense {args.defense_type}, retuned model {retune_path.parent.name}), clean reference "
-          f"{clean_folder}; {n_clean} clean + {n_poison} poisoned images, eps {args.eps:g}/255, device {device_name(device)}",
-          flush=True)
+          f"{clean_folder}; {n_clean} clean + {n_poison} poisoned images ({n_recorded} the victim's own poisoned "
+          f"training images, {n_poison - n_recorded} clean ones with the test trigger), eps {args.eps:g}/255, "
+          f"device {device_name(device)}", flush=True)
+    clean_targets = backdoor_labels(exp.clean_test.labels, target, label_trans, exp.info.num_classes)
 
     def evaluate_all(nets: dict[str, FrozenModel], generator=None) -> dict[str, dict]:
-        return {k: evaluate(v, exp.clean_test, exp.bd_test, generator, args.eval_batch_size, amp) for k, v in nets.items()}
+        return {k: evaluate(v, exp.clean_test, exp.bd_test, clean_targets, generator, args.eval_batch_size, amp)
+                for k, v in nets.items()}
 
     before = evaluate_all({"retuned": retuned, "purified": purified, "clean": clean})
     settings = QRASettings(eps=args.eps / 255.0, alpha_qra=args.alpha_qra, epochs=args.epochs, lr=args.lr,
-                           momentum=args.momentum, batch_size=args.batch_size, hidden=args.hidden, seed=args.random_seed,
+                           momentum=args.momentum, batch_size=args.batch_size, hidden=parse_widths(args.hidden),
+                           normalised_input=args.generator_input == "normalised", seed=args.random_seed,
                            progress=args.progress)
     generator, rows = train_generator(purified, retuned, clean, samples, settings, amp)
     after = evaluate_all({"purified": purified, "clean": clean}, generator)
@@ -387,6 +467,7 @@ def _run(args, folder, record, source, purified_state, retune_path, clean_folder
         "record": f"{record['dataset']}/{record['attack']}/{folder.name}", "defense_type": args.defense_type,
         "retuned_model": tagged("retune", args.retune_tag), "clean_record": _record_label(clean_folder, args.record_root),
         "settings": {**{k: v for k, v in asdict(settings).items() if k != "progress"}, "eps_pixels": args.eps, "n_clean": n_clean, "n_poison": n_poison,
+                     "poison_source": args.poison_source, "n_poison_recorded": n_recorded, "n_poison_made": n_poison - n_recorded,
                      "amp": str(amp).replace("torch.", "") if amp else "none"},
         "before": before, "after": after, "seconds": round(seconds, 2), "device": device_name(device),
         "versions": versions(), "args": arguments,
@@ -399,5 +480,7 @@ def _run(args, folder, record, source, purified_state, retune_path, clean_folder
     print(format_table(before, after))
     gap = after["purified"]["asr"] - after["clean"]["asr"]
     print(f"ASR with δ: purified {100 * after['purified']['asr']:.2f}, clean {100 * after['clean']['asr']:.2f} "
-          f"(gap {100 * gap:.2f}); results in {staged.final}")
+          f"(gap {100 * gap:.2f}); clean + δ predicted as the target: purified "
+          f"{100 * after['purified']['clean_to_target']:.2f}, clean {100 * after['clean']['clean_to_target']:.2f}; "
+          f"results in {staged.final}")
     return {"before": before, "after": after, "folder": str(staged.final)}

@@ -1,11 +1,21 @@
-"""`fine_tune/ft_poison.py`: the retuning attack (RA, REFERENCE §6).
+"""`fine_tune/ft_poison.py`: the retuning attack (RA).
 
-A purified model is fine-tuned on the *same* clean tuning subset its purification used (recomputed
-from the purification's stored split ratio, seed and split mode, and checked against its digest),
-with `--poison_num` of those samples replaced by real poisoned training samples labelled as the
-backdoor target: SGD, lr 0.01, momentum 0.9, no schedule, 5 epochs. A superficially purified model
-regains its backdoor; a clean model (the pratio-0 record) does not, and the unpurified model
-(`--defense_type none`) gives the other reference.
+A purified model is fine-tuned on a small clean split of the training set with `--poison_num` of
+its samples replaced by real poisoned training samples labelled as the backdoor target: SGD, lr
+0.01, momentum 0.9, no schedule, 5 epochs. A superficially purified model regains its backdoor; a
+clean model (the pratio-0 record) does not, and the unpurified model (`--defense_type none`) gives
+the other reference.
+
+The retuning set is by default the same for every model of a record (`--ra_split shared`, as the
+official ft_poison.py: a 2% uniform split drawn with seed 42, whatever split the defense tuned on),
+so that a defense with a larger tuning split (PAM's 5%) does not face a weaker attack. `--ra_split
+defense` reuses each purification's own subset instead (recomputed from its stored split ratio,
+seed and mode, and checked against its digest).
+
+As officially, the clean samples are augmented (crop, flip where the dataset flips) and the poisoned
+ones only normalised: augmenting a BadNet image would move or cut its patch. The official code draws
+the clean samples' augmentation once, when it builds the set, and keeps it for every epoch
+(`--augment once`); `epoch` draws it afresh each epoch, `all` also augments the poisoned samples.
 
 The poisoned samples are the record's own: images of its poisoned training set at its poisoned
 indices. A record without them (a clean pratio-0 record, or an attack that poisons inside each batch
@@ -36,8 +46,8 @@ from utils.victim import Experiment, device_name, evaluate_experiment, rebuild_e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Retuning attack: fine-tune a purified model on its tuning set with a few "
-                                            "poisoned samples and measure whether the backdoor returns.")
+    p = argparse.ArgumentParser(description="Retuning attack: fine-tune a purified model on a small clean split with a "
+                                            "few poisoned samples and measure whether the backdoor returns.")
     a = p.add_argument
     add_record_options(p)
     a("--defense_type", default="fst",
@@ -48,15 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=0.01, help="learning rate, constant (default 0.01)")
     a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     a("--batch_size", type=int, default=128, help="batch size (default 128)")
+    a("--ra_split", default="shared", choices=RA_SPLITS,
+      help="shared: one retuning split for every model of the record (--split_ratio, --random_seed), as the official "
+           "code; defense: each purification's own tuning subset (default shared)")
+    a("--augment", default="once", choices=AUGMENT_MODES,
+      help="once: the clean samples cropped/flipped once and kept so for every epoch, poisoned ones only normalised "
+           "(official); epoch: clean ones augmented afresh each epoch; all: every sample, poisoned included, each "
+           "epoch (default once)")
     a("--random_seed", type=int, default=None,
-      help="seed of the poisoned-sample choice and the batch order (default: the purification's seed; 0 for none)")
+      help="seed of the split, the poisoned-sample choice, the batch order and the augmentation (default: 42 with "
+           "--ra_split shared; with defense, the purification's seed, 0 for none)")
     a("--split_ratio", type=float, default=None,
-      help="--defense_type none only: tuning fraction (default: the dataset's, 0.02 for cifar10/fmnist); a purified "
-           "model always reuses its purification's subset")
-    a("--split_mode", default=None, choices=("uniform", "balanced"), help="--defense_type none only (default uniform)")
+      help=f"fraction of the clean training set retuned on (default {SHARED_SPLIT_RATIO} with --ra_split shared; with "
+           "defense only for --defense_type none, default the dataset's)")
+    a("--split_mode", default=None, choices=("uniform", "balanced"),
+      help="how the split is drawn (default uniform; with --ra_split defense only for --defense_type none)")
     a("--save", type=parse_bool, nargs="?", const=True, default=True, help="save the retuned weights as model.pt (default true; qra.py needs them)")
     add_run_options(p, "write to retune_<tag>/ instead of retune/", "replace an existing retuning result of the same tag")
     return p
+
+
+RA_SPLITS = ("shared", "defense")
+AUGMENT_MODES = ("once", "epoch", "all")
+SHARED_SPLIT_RATIO = 0.02  # the official ft_poison.py defaults, whatever the dataset
+SHARED_SEED = 42
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -82,20 +107,26 @@ def defense_types(text: str, record_folder: Path) -> list[str]:
 
 
 def tuning_plan(args: argparse.Namespace, record_folder: Path, defense_type: str) -> dict:
-    """Split ratio, seed and mode of the tuning subset (and the digest to check it against): the
-    purification's own for a purified model, the flags (or defaults) for `none`."""
+    """Source, split ratio, seed and mode of the clean split retuned on (and the digest to check it
+    against): with `--ra_split shared` the flags (or the official defaults) for every model; with
+    `defense` the purification's own for a purified model, the flags (or defaults) for `none`."""
+    if args.ra_split == "shared":
+        return {"source": "shared",
+                "split_ratio": SHARED_SPLIT_RATIO if args.split_ratio is None else args.split_ratio,
+                "random_seed": SHARED_SEED if args.random_seed is None else args.random_seed,
+                "split_mode": args.split_mode or "uniform", "digest": None}
     if defense_type == NONE:
         split = args.split_ratio if args.split_ratio is not None else DATASET_DEFAULTS[args.dataset][0]
-        return {"split_ratio": split, "random_seed": 0 if args.random_seed is None else args.random_seed,
+        return {"source": "defense", "split_ratio": split, "random_seed": 0 if args.random_seed is None else args.random_seed,
                 "split_mode": args.split_mode or "uniform", "digest": None}
     if args.split_ratio is not None or args.split_mode is not None:
-        raise UserError("--split_ratio and --split_mode apply only to --defense_type none: a purified model is "
-                        "retuned on the subset its purification used")
+        raise UserError("with --ra_split defense, --split_ratio and --split_mode apply only to --defense_type none: a "
+                        "purified model is retuned on the subset its purification used")
     path = source_folder(record_folder, defense_type) / "result.json"
     try:
         result = json.loads(path.read_text())
         used = result["args"]
-        plan = {"split_ratio": float(used["split_ratio"]), "random_seed": int(used["random_seed"]),
+        plan = {"source": "defense", "split_ratio": float(used["split_ratio"]), "random_seed": int(used["random_seed"]),
                 "split_mode": used.get("split_mode", "uniform"), "digest": result.get("tuning_digest")}
     except FileNotFoundError:
         raise UserError(f"{path} does not exist: no purification result for --defense_type {defense_type}") from None
@@ -141,7 +172,8 @@ def poisoned_samples(exp: Experiment, record: dict, count: int, seed: int) -> di
 
 
 def retuning_set(exp: Experiment, record: dict, plan: dict, poison_num: int, seed: int) -> dict:
-    """The purification's tuning subset with `poison_num` seeded positions replaced by poisoned samples."""
+    """The clean split of `plan` with `poison_num` seeded positions replaced by poisoned samples;
+    `poisoned` marks them, `set_digest` identifies the whole set (images and labels)."""
     from utils.finetune import tuning_set
 
     tune_idx = tuning_set(exp.clean_train.labels, argparse.Namespace(**plan))
@@ -159,18 +191,39 @@ def retuning_set(exp: Experiment, record: dict, plan: dict, poison_num: int, see
     pos = positions.to(exp.device)
     images[pos] = poison["images"]
     labels[pos] = poison["labels"]
-    return {"images": images, "labels": labels, "tuning_indices": tune_idx, "digest": digest,
-            "positions": positions.tolist(), **{k: poison[k] for k in ("train_indices", "made")}}
+    poisoned = torch.zeros(len(labels), dtype=torch.bool, device=exp.device)
+    poisoned[pos] = True
+    set_digest = tensor_digest(torch.cat([images.flatten().long(), labels.long()]))
+    return {"images": images, "labels": labels, "poisoned": poisoned, "tuning_indices": tune_idx, "digest": digest,
+            "set_digest": set_digest, "positions": positions.tolist(), **{k: poison[k] for k in ("train_indices", "made")}}
+
+
+def augmented(images: torch.Tensor, poisoned: torch.Tensor, pipeline: engine.Pipeline, gen: torch.Generator) -> torch.Tensor:
+    """A copy of the uint8 `images` with the clean ones randomly cropped/flipped and the poisoned ones
+    untouched (they take the evaluation transform, as the official RA gives them)."""
+    out = images.clone()
+    clean = torch.nonzero(~poisoned).flatten()
+    if len(clean):
+        out[clean] = pipeline.augment(images[clean], gen)
+    return out
 
 
 def retune(model, data: dict, exp: Experiment, args: argparse.Namespace, seed: int, amp, evaluate) -> list[dict]:
-    """Plain SGD with a constant learning rate on the retuning set; one metrics row per epoch."""
+    """Plain SGD with a constant learning rate on the retuning set, augmented as `args.augment` says;
+    one metrics row per epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=0.0)
     gen = engine.make_generator(seed, exp.device, "retune-order")
+    mode = args.augment
+    images = data["images"]
+    if mode == "once":
+        images = augmented(images, data["poisoned"], exp.pipeline, gen)
     rows = []
     for epoch in range(1, args.epochs + 1):
-        stats = engine.train_epoch(model, data["images"], data["labels"], exp.pipeline, optimizer, args.batch_size, gen,
-                                   amp=amp, desc=f"retune {epoch}/{args.epochs}", progress=args.progress)
+        if mode == "epoch":
+            images = augmented(data["images"], data["poisoned"], exp.pipeline, gen)
+        stats = engine.train_epoch(model, images, data["labels"], exp.pipeline, optimizer, args.batch_size, gen,
+                                   amp=amp, desc=f"retune {epoch}/{args.epochs}", augment=mode == "all",
+                                   progress=args.progress)
         rows.append({"epoch": epoch, "lr": args.lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                      **evaluate(model)})
     return rows
@@ -227,8 +280,9 @@ def _run(args, record, folder, plans, states, staged) -> dict[str, dict]:
         model = build_loaded_model(record, states[name], str(source), exp.pipeline, device)
         data = retuning_set(exp, record, plan, args.poison_num, seed)
         before = evaluate(model)
-        print(f"[{name}] {len(data['tuning_indices'])} tuning images (split_ratio {plan['split_ratio']}, seed "
-              f"{plan['random_seed']}, {plan['split_mode']}), {args.poison_num} replaced by "
+        print(f"[{name}] {len(data['tuning_indices'])} tuning images ({plan['source']} split: split_ratio "
+              f"{plan['split_ratio']}, seed {plan['random_seed']}, {plan['split_mode']}; set {data['set_digest']}), "
+              f"{args.poison_num} replaced by "
               f"{'made' if data['made'] else 'recorded'} poisoned samples; before: C-Acc {before['clean_acc']:.4f}  "
               f"ASR {before['asr']:.4f}", flush=True)
         start = time.perf_counter()
@@ -240,8 +294,9 @@ def _run(args, record, folder, plans, states, staged) -> dict[str, dict]:
         write_json(out.stage / "result.json", {
             "attack": "retune", "defense_type": name, "record": f"{record['dataset']}/{record['attack']}/{folder.name}",
             "before": before, "after": after, "poison_num": args.poison_num, "seed": seed,
-            "tuning": {k: plan[k] for k in ("split_ratio", "random_seed", "split_mode")},
-            "tuning_size": len(data["tuning_indices"]), "tuning_digest": data["digest"],
+            "tuning": {k: plan[k] for k in ("source", "split_ratio", "random_seed", "split_mode")},
+            "tuning_size": len(data["tuning_indices"]), "tuning_digest": data["digest"], "ra_set_digest": data["set_digest"],
+            "augment": args.augment,
             "replaced_positions": data["positions"], "poison_train_indices": data["train_indices"],
             "poison_made": data["made"], "seconds": round(time.perf_counter() - start, 2), "device": device_name(device),
             "versions": versions(), "args": arguments,

@@ -5,6 +5,8 @@ and ASR after purification and after the retuning attack, one row per model: the
     python -m utils.robustness_table record/robustness_fmnist --dataset fmnist --model smallcnn --attacks badnet blended
 
 A missing result is shown as "-" (the table of a sweep that is still running is still printed).
+Below the table, one line per attack names the retuning set(s) RA used, so that a table mixing the
+shared set (every row retuned on the same split, the default) with per-defense subsets shows it.
 """
 from __future__ import annotations
 
@@ -26,19 +28,33 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def cells(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float = 0.1, target: int = 0) -> list:
-    """[C-Acc, ASR after purification, C-Acc, ASR after RA] in percent (None where missing)."""
+def _results(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float, target: int):
+    """(metrics after purification, the retuning result) of one row, None where missing."""
     rec = record_path(root, dataset, attack, pratio, target, model)
     if row == "clean":
         retuned = _read(record_path(root, dataset, attack, 0.0, target, model) / "retune" / "result.json")
-        purified = retuned["before"] if retuned else None
-    elif row == "none":
+        return (retuned["before"] if retuned else None), retuned
+    if row == "none":
         retuned = _read(rec / "retune" / "result.json")
-        purified = retuned["before"] if retuned else None
-    else:
-        result = _read(rec / "defense" / row / "result.json")
-        purified = result["after"] if result else None
-        retuned = _read(rec / "defense" / row / "retune" / "result.json")
+        return (retuned["before"] if retuned else None), retuned
+    result = _read(rec / "defense" / row / "result.json")
+    return (result["after"] if result else None), _read(rec / "defense" / row / "retune" / "result.json")
+
+
+def ra_set(retuned: dict) -> str:
+    """How a retuning result chose its clean split, in words (results from before the shared set
+    existed always used the purification's own subset)."""
+    t = retuned.get("tuning") or {}
+    source = t.get("source", "defense")
+    what = "shared split" if source == "shared" else "the defense's own split"
+    size = retuned.get("tuning_size")
+    return (f"{what} {t.get('split_ratio')} seed {t.get('random_seed')}" + (f" ({size} images)" if size else "")
+            + f", {retuned.get('poison_num')} poisoned")
+
+
+def cells(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float = 0.1, target: int = 0) -> list:
+    """[C-Acc, ASR after purification, C-Acc, ASR after RA] in percent (None where missing)."""
+    purified, retuned = _results(root, dataset, model, attack, row, pratio, target)
     out = []
     for metrics in (purified, retuned["after"] if retuned else None):
         out += [100 * metrics["clean_acc"], 100 * metrics["asr"]] if metrics else [None, None]
@@ -53,7 +69,18 @@ def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], prati
         for attack in attacks:
             values += cells(Path(root), dataset, model, attack, key, pratio, target)
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
-    return "\n".join(lines)
+    notes = []
+    for attack in attacks:
+        used: dict[str, list[str]] = {}
+        for key, label in ROWS:
+            retuned = _results(Path(root), dataset, model, attack, key, pratio, target)[1]
+            if retuned:
+                used.setdefault(ra_set(retuned), []).append(label)
+        if len(used) == 1:
+            notes.append(f"RA set ({attack}): {next(iter(used))}, every row")
+        elif used:
+            notes.append(f"RA sets ({attack}) differ: " + "; ".join(f"{', '.join(rows)}: {text}" for text, rows in used.items()))
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv: Sequence[str] | None = None) -> str:
