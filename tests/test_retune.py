@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def purified(badnet_record, tiny_cifar10, tmp_path_factory):
                                                  "--random_seed", "3"])
     finetune.main(_common(root, tiny_cifar10) + ["--ft_mode", "bti,pam", "--epochs", "1", "--rounds", "2",
                                                  "--split_ratio", "0.1", "--bti_pretrain_epochs", "1",
-                                                 "--bti_mask_epochs", "1", "--bti_gen_epochs", "1"])
+                                                 "--bti_mask_epochs", "1", "--bti_gen_epochs", "1",
+                                                 "--bti_unet_width", "4"])
     return root, folder, tiny_cifar10
 
 
@@ -56,6 +58,12 @@ def test_new_modes_write_results_like_the_five(purified):
     assert pam["args"]["momentum"] == 0.1 and pam["args"]["rounds"] == 2
     lines = (folder / "defense" / "pam" / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",")[:2] == ["epoch", "round"] and len(lines) == 3
+    # the official schedules: constant learning rates across all rounds (SGD 0.01 for PAM, Adam 1e-4 for BTI)
+    for mode, lr in (("pam", 0.01), ("bti", 1e-4)):
+        rows = list(csv.DictReader((folder / "defense" / mode / "metrics.csv").open()))
+        assert [float(r["lr"]) for r in rows] == [lr, lr]
+        result = json.loads((folder / "defense" / mode / "result.json").read_text())
+        assert result["args"]["lr"] == lr and all(r["generator_trained"] for r in result["inversion"])
 
 
 def _plan_args(**kw) -> argparse.Namespace:

@@ -143,3 +143,55 @@ def test_ft_sam_trains_a_copy_and_differs_from_plain_ft():
     assert max(diffs) > 1e-6, "SAM steps gave the same weights as plain steps"
     moved = [float((a - b).detach().abs().max()) for a, b in zip(sam.parameters(), model.parameters())]
     assert max(moved) > 1e-6
+
+
+def _bti_settings(**kw):
+    from utils.bti import BTISettings
+    base = dict(pretrain_epochs=0, mask_epochs=0, gen_epochs=0, unet_width=4, batch_size=48, seed=2, progress=False)
+    base.update(kw)
+    return BTISettings(**base)
+
+
+def test_bti_unlearning_loss_is_ce_on_the_mixed_batch_plus_feature_map_mse():
+    """BTI-DBF(U): CE(model(mixed), y) + MSE(f(clean), f(mixed)) on the last-stage feature maps,
+    recomputed independently (every image replaced, one batch, no augmentation, lr ~ 0)."""
+    import dataclasses
+    from utils import bti
+
+    torch.manual_seed(0)
+    model = models.build_model("smallcnn", 4, 3, 16)
+    images, labels = _tiny_data()
+    pipeline = dataclasses.replace(_pipeline(), pad=0, flip=False)
+    settings = PurifySettings(epochs=1, lr=1e-12, alpha=0.0, batch_size=48, rounds=1, unlearn_ratio=1.0,
+                              progress=False, bti=_bti_settings())
+    evaluate = lambda net: {"clean_acc": 0.0, "asr": 0.0, "ra": 0.0}  # noqa: E731
+    _, rows = purify(model, get_mode("bti"), images, labels, pipeline, settings, evaluate)
+    g = bti.UNetGenerator(3, 4, 4, seed=2)
+    ref = models.build_model("smallcnn", 4, 3, 16)
+    ref.load_state_dict(model.state_dict())
+    ref.train()
+    with torch.no_grad():
+        x = pipeline.eval_batch(images)
+        gx = g(x)
+        expected = F.cross_entropy(ref(gx), labels) + F.mse_loss(ref.feature_maps(x), ref.feature_maps(gx))
+    assert abs(rows[0]["train_loss"] - float(expected)) < 1e-4
+
+
+@pytest.mark.parametrize("batch, ratio, replaced", [(10, 0.2, 3), (128, 0.2, 26), (64, 0.0, 0), (5, 1.0, 5)])
+def test_unlearning_replaces_int_ratio_b_plus_one_random_images(monkeypatch, batch, ratio, replaced):
+    """The official mixing: int(0.2 B + 1) images at random positions become generator outputs."""
+    from utils import bti, purify as purify_mod
+
+    images, labels = _tiny_data()
+    settings = PurifySettings(epochs=1, lr=0.01, alpha=0.0, unlearn_ratio=ratio, progress=False, bti=_bti_settings())
+    unlearning = purify_mod._Unlearning(models.build_model("smallcnn", 4, 3, 16), images, labels, _pipeline(),
+                                        settings, None)
+    monkeypatch.setattr(bti, "synthesize", lambda generator, x: torch.full_like(x, 99.0))
+    x = torch.randn(batch, 3, 16, 16)
+    out = unlearning.mix(x, torch.Generator().manual_seed(0))
+    changed = (out == 99.0).flatten(1).all(1)
+    assert int(changed.sum()) == replaced
+    assert torch.equal(out[~changed], x[~changed])
+    if 0 < replaced < batch:
+        other = unlearning.mix(x, torch.Generator().manual_seed(1))
+        assert not torch.equal((other == 99.0).flatten(1).all(1), changed)  # positions are random
