@@ -195,3 +195,40 @@ def test_unlearning_replaces_int_ratio_b_plus_one_random_images(monkeypatch, bat
     if 0 < replaced < batch:
         other = unlearning.mix(x, torch.Generator().manual_seed(1))
         assert not torch.equal((other == 99.0).flatten(1).all(1), changed)  # positions are random
+
+
+def test_ft_sam_backdoorbench_preset_fills_its_settings_and_flags_win():
+    from utils import finetune
+
+    def settle(*extra):
+        args = finetune.build_parser().parse_args(["--dataset", "cifar10", "--ft_mode", "ft-sam", *extra])
+        return finetune.mode_args(args, "ft-sam")
+
+    ours = settle()
+    assert (ours.split_ratio, ours.epochs, ours.batch_size, ours.wd, ours.lb_smooth) == (0.02, 10, 128, 0.0, 0.1)
+    bb = settle("--ft_sam_preset", "backdoorbench")
+    assert (bb.split_ratio, bb.epochs, bb.batch_size, bb.lr, bb.momentum, bb.wd) == (0.05, 100, 256, 0.01, 0.9, 5e-4)
+    assert bb.batch_cosine_tmax == 100
+    # BackdoorBench's smoothing: 1 - 0.1 on the true class, 0.1 / 9 on each other one
+    logits = torch.randn(5, 10)
+    y = torch.arange(5)
+    target = torch.full((5, 10), 0.1 / 9).scatter_(1, y[:, None], 0.9)
+    torch.testing.assert_close(F.cross_entropy(logits, y, label_smoothing=bb.lb_smooth),
+                               -(target * F.log_softmax(logits, 1)).sum(1).mean())
+    assert settle("--ft_sam_preset", "backdoorbench", "--epochs", "7", "--wd", "0").epochs == 7
+    assert settle("--ft_sam_preset", "backdoorbench", "--wd", "0").wd == 0.0
+    fst = finetune.mode_args(finetune.build_parser().parse_args(["--dataset", "cifar10", "--ft_sam_preset",
+                                                                 "backdoorbench"]), "fst")
+    assert (fst.batch_size, fst.wd, fst.batch_cosine_tmax) == (128, 0.0, 0)
+
+
+def test_batch_cosine_schedule_steps_per_batch():
+    torch.manual_seed(0)
+    model = models.build_model("smallcnn", 4, 3, 16)
+    images, labels = _tiny_data()  # 48 images, batches of 16: three steps per epoch
+    settings = PurifySettings(epochs=3, lr=0.01, alpha=0.0, batch_size=16, progress=False, norm_proj="none",
+                              batch_cosine_tmax=3, weight_decay=5e-4)
+    evaluate = lambda net: {"clean_acc": 0.0, "asr": 0.0, "ra": 0.0}  # noqa: E731
+    _, rows = purify(model, get_mode("ft-sam"), images, labels, _pipeline(), settings, evaluate)
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] == 0.01 and lrs[1] < 1e-9 and abs(lrs[2] - 0.01) < 1e-9  # period 2 * T_max, as torch's cosine

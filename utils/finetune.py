@@ -22,6 +22,7 @@ from utils.robustness import add_record_options, add_run_options, check_record_a
 from utils.record import (StagedFolder, clean_state_dict, find_record, load_record, load_state_dict_checked, portable_path, save_torch,
                           write_csv, write_json, write_text)
 from utils.bti import BTISettings
+from utils.datasets import dataset_info
 from utils.victim import build_model_for, device_name, evaluate_experiment, rebuild_experiment, versions
 
 
@@ -34,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ft_mode", default="fst", help=f"one of {', '.join(ALL_MODES)}; all (= {', '.join(MODES)}); or a comma-separated list (default fst)")
     a("--attack_label_trans", default=None, choices=LABEL_TRANS, help="checked against the record when given")
     a("--epochs", type=int, default=None, help="tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)")
-    a("--batch_size", type=int, default=128, help="tuning batch size (default 128)")
+    a("--batch_size", type=int, default=None, help="tuning batch size (default 128; ft-sam backdoorbench preset 256)")
+    a("--wd", type=float, default=None, help="weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)")
+    a("--ft_sam_preset", default="toolkit", choices=FT_SAM_PRESETS,
+      help="ft-sam settings: toolkit (this toolkit's: the dataset's split/epochs/lr, batch 128, label smoothing 0.1, no "
+           "weight decay, cosine per epoch) or backdoorbench (BackdoorBench's CIFAR-10 FT-SAM: 5%% split, 100 epochs, "
+           "batch 256, lr 0.01, wd 5e-4, label smoothing 0.1 spread over the other classes, cosine with T_max 100 "
+           "stepped per batch). Which one the NeurIPS 2024 paper used is not published; flags still win")
     a("--lr", type=float, default=None, help="tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)")
     a("--momentum", type=float, default=None, help="SGD momentum (default 0.9; bti/pam 0.1)")
     a("--random_seed", type=int, default=0, help="seed of the tuning subset, head init and batch order (default 0)")
@@ -72,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth")
+_TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth", "batch_size", "wd", "batch_cosine_tmax")
+FT_SAM_PRESETS = ("toolkit", "backdoorbench")
+
+
+def _backdoorbench_ft_sam(num_classes: int) -> dict:
+    """BackdoorBench's config/defense/ft-sam/cifar10.yaml and defense/ft-sam.py. Its smoothed
+    target gives 1 - eps to the true class and eps / (C - 1) to each other one; torch's
+    label_smoothing s gives 1 - s + s / C and s / C, the same targets for s = eps C / (C - 1)."""
+    eps = 0.1
+    return {"split_ratio": 0.05, "epochs": 100, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "wd": 5e-4,
+            "lb_smooth": eps * num_classes / (num_classes - 1), "batch_cosine_tmax": 100}
 
 
 def _settle_args(args: argparse.Namespace) -> list[str]:
@@ -82,7 +99,10 @@ def _settle_args(args: argparse.Namespace) -> list[str]:
     modes = parse_modes(args.ft_mode)
     if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
         raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
-    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.eval_batch_size < 0 or args.rounds < 1 \
+    if args.wd is not None and not (args.wd >= 0 and math.isfinite(args.wd)):
+        raise UserError(f"--wd must be 0 or positive, got {args.wd}")
+    if (args.epochs is not None and args.epochs < 1) or (args.batch_size is not None and args.batch_size < 1) \
+            or args.eval_batch_size < 0 or args.rounds < 1 \
             or args.eval_every < 1:
         raise UserError("--epochs, --rounds, --eval_every and --batch_size must be positive, --eval_batch_size 0 or positive")
     if args.lr is not None and args.lr <= 0:
@@ -109,10 +129,13 @@ def mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
     FT-SAM's label smoothing, ...), else the dataset's."""
     out = copy.copy(args)
     out.ft_mode = mode
-    given = {k: getattr(args, k) for k in _TUNING_KEYS}
+    given = {k: getattr(args, k, None) for k in _TUNING_KEYS}  # batch_cosine_tmax has no flag
     split, lr, epochs, alpha = DATASET_DEFAULTS[args.dataset]
-    filled = {"split_ratio": split, "lr": lr, "epochs": epochs, "alpha": alpha, "momentum": 0.9, "lb_smooth": None}
+    filled = {"split_ratio": split, "lr": lr, "epochs": epochs, "alpha": alpha, "momentum": 0.9, "lb_smooth": None,
+              "batch_size": 128, "wd": 0.0, "batch_cosine_tmax": 0}
     filled.update(dict(ALL_MODES[mode].defaults))
+    if mode == "ft-sam" and args.ft_sam_preset == "backdoorbench":
+        filled.update(_backdoorbench_ft_sam(dataset_info(args.dataset).num_classes))
     for key in _TUNING_KEYS:
         setattr(out, key, given[key] if given[key] is not None else filled[key])
     return out
@@ -130,7 +153,8 @@ def settings_for(args: argparse.Namespace, shared: dict | None = None) -> Purify
                           generator_rounds=args.bti_generator_rounds, batch_size=args.batch_size,
                           seed=args.random_seed, progress=args.progress)
     return PurifySettings(epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size,
-                          momentum=args.momentum, label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
+                          momentum=args.momentum, weight_decay=args.wd, batch_cosine_tmax=args.batch_cosine_tmax,
+                          label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
                           frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
                           progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
                           pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti,

@@ -142,6 +142,10 @@ class PurifySettings:
     alpha: float
     batch_size: int = 128
     momentum: float = 0.9
+    weight_decay: float = 0.0
+    # > 0: cosine annealing stepped after every batch with this period (BackdoorBench FT-SAM's
+    # CosineAnnealingLR(T_max=100) stepped per batch) instead of the mode's per-epoch schedule
+    batch_cosine_tmax: int = 0
     label_smoothing: float = 0.0
     norm_proj: str = "all"
     frozen_bn_eval: bool = False
@@ -193,11 +197,15 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
         reinit_linear(head, settings.seed)
     params = _set_trainable(model, head, mode.trains)
     if mode.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=settings.lr)
+        optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     total_epochs = settings.epochs * (settings.rounds if mode.unlearn else 1)
     scheduler = engine.cosine_scheduler(optimizer, total_epochs) if mode.schedule == "cosine" else None
+    batch_scheduler = None
+    if settings.batch_cosine_tmax > 0:
+        scheduler = None
+        batch_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.batch_cosine_tmax)
     project = mode.name in MODES and (settings.norm_proj == "all" or (settings.norm_proj == "fst" and mode.feature_shift))
     shift = WeightShift(params) if mode.step != "sgd" else None
     anchor = [p.detach().clone() for p in params] if mode.step == "pam" else None
@@ -228,6 +236,8 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
         return objective(logits, y), logits
 
     def after_step():
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         if project:
             with torch.no_grad():
                 head.weight.mul_(orig_norm / head.weight.norm().clamp_min(1e-12))
