@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # Post-purification robustness on Fashion-MNIST (README "Post-purification robustness"): BadNet and
 # Blended victims and their clean (pratio 0) counterparts; purification with FT, FST, FT-SAM, BTI and
-# PAM; the retuning attack (RA) on every purified model, the unpurified one and the clean one; then
-# the table of C-Acc / ASR after purification and after RA.
+# PAM; the retuning attack (RA, with 5 and with 20 poisoned samples, on the one RA set every model of
+# a record shares) on every purified model, the unpurified one and the clean one; the query-based
+# reactivation attack (QRA) on the purified models; then the table.
 #
 #   bash sh/robustness_fmnist.sh                       # everything, into record/robustness_fmnist/
-#   UNLEARN_EPOCHS=30 bash sh/robustness_fmnist.sh     # PAM's full 3 x 30 epochs (default 3 x 5 on a CPU)
-#   QRA=1 bash sh/robustness_fmnist.sh                 # also the query-based reactivation attack on fst and pam
-#   MODES="ft fst" bash sh/robustness_fmnist.sh        # only these purification modes
+#   BTI_ARGS="--bti_unet_width 8" bash sh/robustness_fmnist.sh    # the CPU recipe of docs/fidelity_fmnist.md
+#   MODES="ft fst" QRA=0 bash sh/robustness_fmnist.sh  # only these purification modes, no QRA
 #   RECORD_ROOT=/tmp/r DEVICE=cuda:0 bash sh/robustness_fmnist.sh
 #
-# Finished steps are skipped, so a killed run is resumed by starting it again; a failed step is
-# reported at the end with its log, and the others still run. Logs: <record_root>/logs/.
+# Defaults are the official protocol: BTI/PAM 3 rounds x 30 epochs on 5% with the official BTI-DBF
+# inversion (UNLEARN_EPOCHS, BTI_ARGS change it); victims trained 15 epochs with a cosine schedule
+# on 10k images (ATTACK_ARGS). Finished steps are skipped, so a killed run is resumed by starting it
+# again; a failed step is reported at the end with its log, and the others still run.
+# Logs: <record_root>/logs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 ROOT=${RECORD_ROOT:-record/robustness_fmnist}
 DEVICE=${DEVICE:-auto}
-UNLEARN_EPOCHS=${UNLEARN_EPOCHS:-5}
-QRA=${QRA:-0}
+UNLEARN_EPOCHS=${UNLEARN_EPOCHS:-30}
+QRA=${QRA:-1}
 read -r -a MODES <<<"${MODES:-ft fst ft-sam bti pam}"
+read -r -a ATTACKS <<<"${ATTACKS:-badnet blended}"
+read -r -a POISON_NUMS <<<"${POISON_NUMS:-5 20}"
+read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
+read -r -a BTI_ARGS <<<"${BTI_ARGS:-}"
 PROTO=config/attack/prototype/fmnist.yaml
 COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
 mkdir -p "$ROOT/logs"
@@ -29,35 +36,54 @@ failed=()
 run() {
   local name=$1 done_file=$2; shift 2
   if [ -f "$done_file" ]; then echo "== $name: done before, skipped"; return 0; fi
-  echo "== $name   (log: $ROOT/logs/$name.log)"
+  echo "== $name   (log: $ROOT/logs/$name.log)  $(date -u +%H:%M:%S)"
   if ! "$@" >"$ROOT/logs/$name.log" 2>&1; then
     echo "   FAILED, see $ROOT/logs/$name.log"; failed+=("$name"); return 1
   fi
 }
 
 record() { echo "$ROOT/fmnist/$1/pratio_$2-target_0-archi_smallcnn"; }
+# RA with n poisoned samples writes retune/ for the first count and retune_p<n>/ for the others
+ra_tag() { [ "$1" = "${POISON_NUMS[0]}" ] && echo "" || echo "p$1"; }
+ra_dir() { local t; t=$(ra_tag "$1"); [ -z "$t" ] && echo retune || echo "retune_$t"; }
+retune() {  # retune <name> <folder holding the model> <pratio> <defense>
+  local name=$1 base=$2 pratio=$3 defense=$4 n
+  for n in "${POISON_NUMS[@]}"; do
+    run "$name-ra$n" "$base/$(ra_dir "$n")/result.json" \
+      "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio "$pratio" --defense_type "$defense" \
+      --poison_num "$n" --tag "$(ra_tag "$n")"
+  done
+}
 
-for attack in badnet blended; do
+for attack in "${ATTACKS[@]}"; do
   for pratio in 0.1 0.0; do
     run "attack-$attack-$pratio" "$(record "$attack" "$pratio")/attack_result.pt" \
       "$PYTHON" "attack/$attack.py" --yaml_path "$PROTO" --pratio "$pratio" --record_root "$ROOT" --device "$DEVICE" \
-      --progress false
+      --progress false "${ATTACK_ARGS[@]}"
   done
   rec=$(record "$attack" 0.1)
+  # bti and pam in one ft.py call: they share the pre-trained BTI-DBF generator
+  unlearn=()
   for mode in "${MODES[@]}"; do
-    extra=()
-    case $mode in bti|pam) extra=(--epochs "$UNLEARN_EPOCHS");; esac
-    run "$attack-$mode" "$rec/defense/$mode/result.json" \
-      "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode" "${extra[@]}"
-    run "$attack-$mode-retune" "$rec/defense/$mode/retune/result.json" \
-      "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --defense_type "$mode"
+    case $mode in
+      bti|pam) [ -f "$rec/defense/$mode/result.json" ] || unlearn+=("$mode");;
+      *) run "$attack-$mode" "$rec/defense/$mode/result.json" \
+           "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode";;
+    esac
   done
-  run "$attack-none-retune" "$rec/retune/result.json" \
-    "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --defense_type none
-  run "$attack-clean-retune" "$(record "$attack" 0.0)/retune/result.json" \
-    "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio 0.0 --defense_type none
+  if [ ${#unlearn[@]} -gt 0 ]; then
+    joined=$(IFS=,; echo "${unlearn[*]}")
+    run "$attack-${joined/,/-}" "$rec/defense/${unlearn[-1]}/result.json" \
+      "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$joined" \
+      --epochs "$UNLEARN_EPOCHS" --eval_every 10 "${BTI_ARGS[@]}"
+  fi
+  for mode in "${MODES[@]}"; do
+    [ -f "$rec/defense/$mode/model.pt" ] && retune "$attack-$mode" "$rec/defense/$mode" 0.1 "$mode"
+  done
+  retune "$attack-none" "$rec" 0.1 none
+  retune "$attack-clean" "$(record "$attack" 0.0)" 0.0 none
   if [ "$QRA" = 1 ]; then
-    for mode in fst pam; do
+    for mode in "${MODES[@]}"; do
       [ -f "$rec/defense/$mode/retune/model.pt" ] || continue
       run "$attack-$mode-qra" "$rec/defense/$mode/qra/result.json" \
         "$PYTHON" fine_tune/qra.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --defense_type "$mode"
@@ -65,7 +91,11 @@ for attack in badnet blended; do
   fi
 done
 
-"$PYTHON" -m utils.robustness_table "$ROOT" --dataset fmnist --model smallcnn --attacks badnet blended
+tags=()
+for n in "${POISON_NUMS[@]}"; do tags+=("$(ra_tag "$n")"); done
+qra_flag=(); [ "$QRA" = 1 ] && qra_flag=(--qra)
+"$PYTHON" -m utils.robustness_table "$ROOT" --dataset fmnist --model smallcnn --attacks "${ATTACKS[@]}" \
+  --retune_tags "${tags[@]}" "${qra_flag[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed steps: ${failed[*]}"; exit 1
 fi

@@ -307,3 +307,25 @@ def test_robustness_table_names_differing_retuning_sets(tmp_path):
     table = robustness_table.markdown(tmp_path, "cifar10", "smallcnn", ["badnet"])
     assert table.splitlines()[-1] == ("RA sets (badnet) differ: no defense, FST: shared split 0.02 seed 42 (6 images), "
                                       "5 poisoned; PAM: the defense's own split 0.05 seed 0 (15 images), 5 poisoned")
+
+
+def test_robustness_table_shows_each_retuning_tag_and_the_qra_columns(tmp_path):
+    rec = tmp_path / "fmnist" / "badnet" / "pratio_0.1-target_0-archi_smallcnn"
+    clean = tmp_path / "fmnist" / "badnet" / "pratio_0.0-target_0-archi_smallcnn"
+
+    def put(folder, payload):
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(payload))
+
+    m = lambda acc, asr: {"clean_acc": acc, "asr": asr, "ra": 0.0}  # noqa: E731
+    put(rec / "defense" / "pam", {"after": m(0.9, 0.02)})
+    put(rec / "defense" / "pam" / "retune", {"before": m(0.9, 0.02), "after": m(0.89, 0.10), "poison_num": 5})
+    put(rec / "defense" / "pam" / "retune_p20", {"before": m(0.9, 0.02), "after": m(0.88, 0.40), "poison_num": 20})
+    put(rec / "defense" / "pam" / "qra", {"after": {"purified": m(0.5, 0.30), "clean": m(0.5, 0.05)}})
+    put(clean / "retune", {"before": m(0.91, 0.01), "after": m(0.9, 0.03), "poison_num": 5})
+    table = robustness_table.markdown(tmp_path, "fmnist", "smallcnn", ["badnet"], tags=["", "p20"], qra=True)
+    lines = table.splitlines()
+    assert "| model | C-Acc | O-ASR | C-Acc after RA 5 | P-ASR (RA 5) | C-Acc after RA 20 | P-ASR (RA 20) | QRA ASR | " \
+           "QRA ASR on clean model |" in lines
+    assert "| PAM | 90.00 | 2.00 | 89.00 | 10.00 | 88.00 | 40.00 | 30.00 | 5.00 |" in lines
+    assert "| clean model | 91.00 | 1.00 | 90.00 | 3.00 | - | - | - | - |" in lines

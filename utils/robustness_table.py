@@ -2,7 +2,8 @@
 and ASR after purification and after the retuning attack, one row per model: the clean model
 (pratio-0 record), the unpurified backdoored model, and each purification mode.
 
-    python -m utils.robustness_table record/robustness_fmnist --dataset fmnist --model smallcnn --attacks badnet blended
+    python -m utils.robustness_table record/robustness_fmnist --dataset fmnist --model smallcnn --attacks badnet blended \
+        --retune_tags '' p20 --qra
 
 A missing result is shown as "-" (the table of a sweep that is still running is still printed).
 Below the table, one line per attack names the retuning set(s) RA used, so that a table mixing the
@@ -28,17 +29,20 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _results(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float, target: int):
-    """(metrics after purification, the retuning result) of one row, None where missing."""
+def _results(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float, target: int,
+             tag: str = "") -> tuple[dict | None, dict | None, dict | None]:
+    """(metrics after purification, the retuning result of `tag`, the QRA result) of one row, None
+    where missing."""
     rec = record_path(root, dataset, attack, pratio, target, model)
-    if row == "clean":
-        retuned = _read(record_path(root, dataset, attack, 0.0, target, model) / "retune" / "result.json")
-        return (retuned["before"] if retuned else None), retuned
-    if row == "none":
-        retuned = _read(rec / "retune" / "result.json")
-        return (retuned["before"] if retuned else None), retuned
+    retune_dir = f"retune_{tag}" if tag else "retune"
+    if row in ("clean", "none"):
+        base = record_path(root, dataset, attack, 0.0, target, model) if row == "clean" else rec
+        retuned = _read(base / retune_dir / "result.json")
+        plain = retuned or _read(base / "retune" / "result.json")
+        return (plain["before"] if plain else None), retuned, _read(base / "qra" / "result.json")
     result = _read(rec / "defense" / row / "result.json")
-    return (result["after"] if result else None), _read(rec / "defense" / row / "retune" / "result.json")
+    return ((result["after"] if result else None), _read(rec / "defense" / row / retune_dir / "result.json"),
+            _read(rec / "defense" / row / "qra" / "result.json"))
 
 
 def ra_set(retuned: dict) -> str:
@@ -52,34 +56,66 @@ def ra_set(retuned: dict) -> str:
             + f", {retuned.get('poison_num')} poisoned")
 
 
-def cells(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float = 0.1, target: int = 0) -> list:
-    """[C-Acc, ASR after purification, C-Acc, ASR after RA] in percent (None where missing)."""
-    purified, retuned = _results(root, dataset, model, attack, row, pratio, target)
-    out = []
-    for metrics in (purified, retuned["after"] if retuned else None):
-        out += [100 * metrics["clean_acc"], 100 * metrics["asr"]] if metrics else [None, None]
+def cells(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float = 0.1, target: int = 0,
+          tags: Sequence[str] = ("",), qra: bool = False) -> list:
+    """[C-Acc, ASR after purification, then C-Acc and ASR after RA for each retuning tag, then (qra)
+    the ASR of poisoned inputs + the QRA perturbation on this model and on the clean model], in
+    percent, None where missing."""
+    out: list = []
+    for i, tag in enumerate(tags):
+        purified, retuned, qra_result = _results(root, dataset, model, attack, row, pratio, target, tag)
+        if i == 0:
+            out += [100 * purified["clean_acc"], 100 * purified["asr"]] if purified else [None, None]
+        after = retuned["after"] if retuned else None
+        out += [100 * after["clean_acc"], 100 * after["asr"]] if after else [None, None]
+    if qra:
+        after = (qra_result or {}).get("after")
+        out += [100 * after["purified"]["asr"], 100 * after["clean"]["asr"]] if after else [None, None]
     return out
 
 
-def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], pratio: float = 0.1, target: int = 0) -> str:
-    head = "| model | " + " | ".join(f"{a} C-Acc | {a} ASR | {a} C-Acc after RA | {a} ASR after RA" for a in attacks) + " |"
-    lines = [head, "|---" * (1 + 4 * len(attacks)) + "|"]
-    for key, label in ROWS:
-        values = []
-        for attack in attacks:
-            values += cells(Path(root), dataset, model, attack, key, pratio, target)
-        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
+def _poison_label(root: Path, dataset: str, model: str, attack: str, pratio: float, target: int, tag: str) -> str:
+    """'RA n' with the poisoned-sample count of the first result found for this tag, else the tag."""
+    for key, _ in ROWS:
+        retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
+        if retuned and retuned.get("poison_num") is not None:
+            return f"RA {retuned['poison_num']}"
+    return f"RA {tag or 'default'}"
+
+
+def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], pratio: float = 0.1, target: int = 0,
+             tags: Sequence[str] = ("",), qra: bool = False) -> str:
+    """One table per attack: rows are the models, columns C-Acc and ASR after purification (O-),
+    after each retuning attack (P-), and optionally the QRA ASRs; then the retuning-set notes."""
+    root = Path(root)
+    lines: list[str] = []
+    for attack in attacks:
+        head = ["model", "C-Acc", "O-ASR"]
+        for tag in tags:
+            label = _poison_label(root, dataset, model, attack, pratio, target, tag)
+            head += [f"C-Acc after {label}", f"P-ASR ({label})"]
+        if qra:
+            head += ["QRA ASR", "QRA ASR on clean model"]
+        if lines:
+            lines.append("")
+        lines += [f"**{attack}** ({dataset}/{model}, pratio {pratio})", "", "| " + " | ".join(head) + " |",
+                  "|---" + "|---:" * (len(head) - 1) + "|"]
+        for key, label in ROWS:
+            values = cells(root, dataset, model, attack, key, pratio, target, tags, qra)
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     notes = []
     for attack in attacks:
-        used: dict[str, list[str]] = {}
-        for key, label in ROWS:
-            retuned = _results(Path(root), dataset, model, attack, key, pratio, target)[1]
-            if retuned:
-                used.setdefault(ra_set(retuned), []).append(label)
-        if len(used) == 1:
-            notes.append(f"RA set ({attack}): {next(iter(used))}, every row")
-        elif used:
-            notes.append(f"RA sets ({attack}) differ: " + "; ".join(f"{', '.join(rows)}: {text}" for text, rows in used.items()))
+        for tag in tags:
+            used: dict[str, list[str]] = {}
+            for key, label in ROWS:
+                retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
+                if retuned:
+                    used.setdefault(ra_set(retuned), []).append(label)
+            if len(used) == 1:
+                notes.append(f"RA set ({attack}): {next(iter(used))}, every row")
+            elif used:
+                notes.append(f"RA sets ({attack}) differ: "
+                             + "; ".join(f"{', '.join(rows)}: {text}" for text, rows in used.items()))
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -91,8 +127,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--attacks", nargs="+", default=["badnet", "blended"])
     p.add_argument("--pratio", type=float, default=0.1)
     p.add_argument("--attack_target", type=int, default=0)
+    p.add_argument("--retune_tags", nargs="+", default=[""],
+                   help="retuning results to show, by tag ('' = retune/, p20 = retune_p20/); default ''")
+    p.add_argument("--qra", action="store_true", help="add the QRA columns (ASR of poisoned inputs + delta)")
     args = p.parse_args(argv)
-    table = markdown(Path(args.record_root), args.dataset, args.model, args.attacks, args.pratio, args.attack_target)
+    table = markdown(Path(args.record_root), args.dataset, args.model, args.attacks, args.pratio, args.attack_target,
+                     args.retune_tags, args.qra)
     print(table)
     return table
 
