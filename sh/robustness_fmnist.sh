@@ -9,7 +9,7 @@
 #   MODES="ft fst" QRA=0 bash sh/robustness_fmnist.sh  # only these purification modes, no QRA
 #   # the reduced CPU recipe of docs/fidelity_fmnist.md:
 #   UNLEARN_EPOCHS=10 BTI_ARGS="--split_ratio 0.02 --bti_unet_width 8 --bti_pretrain_epochs 10 --bti_mask_epochs 5
-#     --bti_gen_epochs 10" QRA_ARGS="--epochs 10" MODES="ft fst ft-sam bti pam" bash sh/robustness_fmnist.sh
+#     --bti_gen_epochs 10" QRA_ARGS="--epochs 10" QRA_MODES="fst pam" MODES="ft fst ft-sam bti pam" bash sh/robustness_fmnist.sh
 #   RECORD_ROOT=/tmp/r DEVICE=cuda:0 bash sh/robustness_fmnist.sh
 #
 # Defaults are the official protocol: BTI/PAM 3 rounds x 30 epochs on 5% with the official BTI-DBF
@@ -30,6 +30,7 @@ read -r -a POISON_NUMS <<<"${POISON_NUMS:-5 20}"
 read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
 read -r -a BTI_ARGS <<<"${BTI_ARGS:-}"
 read -r -a QRA_ARGS <<<"${QRA_ARGS:-}"
+read -r -a QRA_MODES <<<"${QRA_MODES:-${MODES[*]}}"
 PROTO=config/attack/prototype/fmnist.yaml
 COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
 mkdir -p "$ROOT/logs"
@@ -86,7 +87,7 @@ for attack in "${ATTACKS[@]}"; do
   retune "$attack-none" "$rec" 0.1 none
   retune "$attack-clean" "$(record "$attack" 0.0)" 0.0 none
   if [ "$QRA" = 1 ]; then
-    for mode in "${MODES[@]}"; do
+    for mode in "${QRA_MODES[@]}"; do
       [ -f "$rec/defense/$mode/retune/model.pt" ] || continue
       run "$attack-$mode-qra" "$rec/defense/$mode/qra/result.json" \
         "$PYTHON" fine_tune/qra.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --defense_type "$mode" "${QRA_ARGS[@]}"
