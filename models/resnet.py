@@ -73,7 +73,9 @@ class ResNet(BackdoorNet):
 
 
 class PreActResNet(BackdoorNet):
-    """Pre-activation variant: plain conv stem, BatchNorm+ReLU after the last stage."""
+    """Pre-activation variant as BackdoorBench builds it: plain conv stem, and the last stage's
+    output goes straight to the pool and the head (no final BatchNorm+ReLU), so BackdoorBench
+    PreActResNet18 state dicts load with strict key matching."""
 
     head_name = "linear"
 
@@ -81,12 +83,10 @@ class PreActResNet(BackdoorNet):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.layer1, self.layer2, self.layer3, self.layer4 = _stages(PreActBlock, 64)
-        self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
 
     def feature_maps(self, x):
-        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
-        return F.relu(self.bn(out))
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
 
     def pool(self, maps):
         return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)

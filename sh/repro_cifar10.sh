@@ -9,6 +9,10 @@
 #   EXECUTOR=submitit SUBMITIT='{"timeout_min": 180, "slurm_partition": "gpu", "gpus_per_node": 1}' \
 #     bash sh/repro_cifar10.sh                               # through SLURM with submitit
 #
+# Precision: AMP=none by default, so victims, purifications and the cached LC/SSBA resources run in
+# full fp32 as the official code does; AMP=auto (bf16 autocast on CUDA) is faster but not the official
+# numerics:  AMP=auto bash sh/repro_cifar10.sh
+#
 # CIFAR-10 must be in data/cifar10 (torchvision's cifar-10-batches-py; `download: true` fetches it).
 # Resumable like every sweep: run it again after a kill or a failure.
 #
@@ -18,10 +22,10 @@
 #   purification:  48 records x 5 modes x 10 epochs x (1k tuning + ~19k evaluated)  = ~48M image passes,
 #                  mostly forward-only evaluation
 #   LC and SSBA resources (PGD images, the StegaStamp-style encoder) are made once per seed and cached.
-# At an assumed 8-10k training images/s for ResNet-18 with bf16 on one A100/H100-class GPU that is about
-# 7-9 GPU-hours for the victims and under 1 GPU-hour for the purifications: ~8-10 GPU-hours in all
-# (about 1 hour on 8 GPUs). This is an estimate from image counts, not a measurement: no GPU was
-# available when this script was written.
+# At an assumed 8-10k training images/s for ResNet-18 with bf16 (AMP=auto) on one A100/H100-class GPU
+# that is about 7-9 GPU-hours for the victims and under 1 GPU-hour for the purifications: ~8-10
+# GPU-hours in all (about 1 hour on 8 GPUs); the fp32 default is slower by an unmeasured factor. This
+# is an estimate from image counts, not a measurement: no GPU was available when this script was written.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . sh/install.sh
@@ -32,15 +36,16 @@ PRATIOS=${PRATIOS:-0.1 0.05 0.01 0.005}
 SEEDS=${SEEDS:-0 1 2}
 EXECUTOR=${EXECUTOR:-local}
 SUBMITIT=${SUBMITIT:-{\}}
+AMP=${AMP:-none}
 RUN=(--executor "$EXECUTOR" --submitit_params "$SUBMITIT")
 [ -n "${WORKERS:-}" ] && RUN+=(--workers "$WORKERS")
 status=0
 # shellcheck disable=SC2086
 "$PY" -m utils.sweep attacks --yaml_path config/attack/prototype/cifar10.yaml --attacks $ATTACKS --pratios $PRATIOS \
-  --seeds $SEEDS --record_root "$ROOT" "${RUN[@]}" || status=1
+  --seeds $SEEDS --record_root "$ROOT" "${RUN[@]}" -- --amp "$AMP" || status=1
 # shellcheck disable=SC2086
 "$PY" -m utils.sweep purify --record_root "$ROOT" --modes all --attacks $ATTACKS --pratios $PRATIOS --seeds $SEEDS \
-  "${RUN[@]}" -- --epochs 10 --split_ratio 0.02 --lr 0.01 --alpha 0.2 || status=1
+  "${RUN[@]}" -- --epochs 10 --split_ratio 0.02 --lr 0.01 --alpha 0.2 --amp "$AMP" || status=1
 # shellcheck disable=SC2086
 "$PY" -m utils.results "$ROOT" --dataset cifar10 --model resnet18 --attacks $ATTACKS --pratio $PRATIOS \
   --csv "$ROOT/results.csv" --summary_csv "$ROOT/summary.csv" --markdown "$ROOT/tables.md" || status=1

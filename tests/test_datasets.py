@@ -15,6 +15,7 @@ from PIL import Image
 
 from utils import datasets
 from utils.datasets import DATASETS, ImageSet, dataset_info, load_dataset
+from utils.engine import Pipeline
 from utils.errors import UserError
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -155,10 +156,26 @@ def test_dataset_info_table():
     for name, info in DATASETS.items():
         assert info.name == name
         assert len(info.mean) == len(info.std) == info.channels
-    assert {n for n, i in DATASETS.items() if i.flip} == {"cifar10", "cifar100", "tiny"}
+    # BackdoorBench flips CIFAR-10 only, and normalises CIFAR-100 and Tiny with ImageNet statistics
+    assert {n for n, i in DATASETS.items() if i.flip} == {"cifar10"}
+    for name in ("cifar100", "tiny"):
+        assert dataset_info(name).mean == (0.485, 0.456, 0.406)
+        assert dataset_info(name).std == (0.229, 0.224, 0.225)
     assert dataset_info("fmnist").channels == 1 and dataset_info("fmnist").image_size == 28
     assert dataset_info("tiny").image_size == 64 and dataset_info("tiny").num_classes == 200
     assert dataset_info("gtsrb").mean == (0.0, 0.0, 0.0) and dataset_info("gtsrb").num_classes == 43
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_training_batches_are_mirrored_for_cifar10_only(name):
+    """Without the crop, a training batch differs from the evaluation batch only by flips."""
+    info = dataset_info(name)
+    pipe = Pipeline.for_dataset(info, torch.device("cpu"))
+    pipe.pad = 0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, info.channels, info.image_size, info.image_size), generator=gen, dtype=torch.uint8)
+    flipped = (pipe.train_batch(x, gen) != pipe.eval_batch(x)).flatten(1).any(1)
+    assert bool(flipped.any()) == (name == "cifar10")
 
 
 def test_unknown_dataset_lists_names(tmp_path):

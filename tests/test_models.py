@@ -179,3 +179,76 @@ def _check_new_head(name: str, model: BackdoorNet, old: nn.Linear, new: nn.Linea
     # the old layer is gone from the module tree and the parameters
     assert all(m is not old for m in model.modules())
     assert all(p is not old.weight for p in model.parameters())
+
+
+# --- PreActResNet-18 against BackdoorBench's -------------------------------------------------------
+
+def _backdoorbench_preact18_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry of BackdoorBench's PreActResNet18 (models/preact_resnet.py there) with
+    its shape: a 3x3 stem `conv1`, stages `layer1`..`layer4` of two pre-activation blocks (`bn1`,
+    `conv1`, `bn2`, `conv2`, and a 1x1 `shortcut.0` conv where the width or stride changes), then
+    `linear`. No BatchNorm follows the last stage."""
+    shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 3, 3)}
+
+    def bn(prefix: str, c: int) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (c,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    cin = 64
+    for stage, width in enumerate((64, 128, 256, 512), start=1):
+        for block in (0, 1):
+            p = f"layer{stage}.{block}"
+            bn(f"{p}.bn1", cin)
+            shapes[f"{p}.conv1.weight"] = (width, cin, 3, 3)
+            bn(f"{p}.bn2", width)
+            shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
+            if block == 0 and stage > 1:
+                shapes[f"{p}.shortcut.0.weight"] = (width, cin, 1, 1)
+            cin = width
+    shapes["linear.weight"] = (num_classes, 512)
+    shapes["linear.bias"] = (num_classes,)
+    return shapes
+
+
+def _official_preact18_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """BackdoorBench's PreActResNet18 forward in eval mode, written out with functional ops."""
+    F = nn.functional
+
+    def bn(prefix: str, t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(t, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
+                            state[f"{prefix}.weight"], state[f"{prefix}.bias"], training=False)
+
+    out = F.conv2d(x, state["conv1.weight"], padding=1)
+    for stage in range(1, 5):
+        for block in (0, 1):
+            p = f"layer{stage}.{block}"
+            stride = 2 if block == 0 and stage > 1 else 1
+            pre = F.relu(bn(f"{p}.bn1", out))
+            skip = F.conv2d(pre, state[f"{p}.shortcut.0.weight"], stride=stride) if stride == 2 else out
+            body = F.conv2d(pre, state[f"{p}.conv1.weight"], stride=stride, padding=1)
+            body = F.conv2d(F.relu(bn(f"{p}.bn2", body)), state[f"{p}.conv2.weight"], padding=1)
+            out = body + skip
+    pooled = out.mean(dim=(2, 3))
+    return F.linear(pooled, state["linear.weight"], state["linear.bias"])
+
+
+def test_preactresnet18_loads_backdoorbench_state_dict_strictly():
+    shapes = _backdoorbench_preact18_shapes(NUM_CLASSES)
+    assert len(shapes) == 102
+    gen = torch.Generator().manual_seed(5)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(7)
+        elif name.endswith("running_var"):
+            state[name] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            state[name] = torch.randn(shape, generator=gen) * 0.1
+    model = build_model("preactresnet18", NUM_CLASSES, 3, 32)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    x = _input("preactresnet18", 3, 32, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _official_preact18_forward(state, x), rtol=1e-4, atol=1e-5)

@@ -109,6 +109,17 @@ def test_trigger_keeps_shape_dtype_range_and_is_batch_independent(channels, size
         ssba.apply_uint8(torch.zeros(2, channels, size + 4, size + 4, dtype=torch.uint8), params)
 
 
+def test_the_official_100_bit_secret_is_supported():
+    """BackdoorBench's StegaStamp hides 100 bits; `--ssba_bits 100` builds, trains, encodes and
+    stores an encoder for that length (only the default differs)."""
+    params = _params(3, 32, ssba_bits=100)
+    assert params["secret"].shape == (100,) and params["bits"] == 100
+    assert params["encoder"]["secret.weight"].shape[1] == 100
+    images = _images(4, 3, 32, seed=6)
+    out = get_attack("ssba").apply(images, params, True)
+    assert out.dtype == torch.uint8 and out.shape == images.shape and not torch.equal(out, images)
+
+
 def test_dirty_label_poisoning_changes_only_the_chosen_indices():
     spec = get_attack("ssba")
     assert not spec.clean_label and spec.prepare is not None

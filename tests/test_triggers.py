@@ -74,29 +74,43 @@ def test_badnet_square_at_32px_covers_rows_and_cols_29_to_31(channels):
     assert torch.equal(out, expected.expand(2, -1, -1, -1))
 
 
-@pytest.mark.parametrize("channels", CHANNELS)
+def _backdoorbench_grid_png(path) -> None:
+    """BackdoorBench's grid trigger image (resource/badnet/generate_grid.py, default arguments):
+    a black 32x32 RGB image whose bottom-right 3x3 block is a checkerboard of 255 (where row +
+    column is even) and 1 (elsewhere)."""
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    for i in range(3):
+        for j in range(3):
+            img[29 + i, 29 + j, :] = 255 if (i + j) % 2 == 0 else 1
+    Image.fromarray(img).save(path)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
-def test_badnet_grid_keeps_original_pixels_in_its_zero_cells(channels, seed):
-    pattern, mask = triggers.badnet_trigger("grid", channels, 32)
-    cells = pattern[0, 29:32, 29:32]
-    # a 3x3 checkerboard with white corners and centre
-    ii, jj = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
-    assert torch.equal(cells, torch.where((ii + jj) % 2 == 0, 255, 0).to(torch.uint8))
-    x = _images(4, channels, 32, seed)
+def test_badnet_grid_matches_backdoorbench_pixel_for_pixel(tmp_path, seed):
+    png = tmp_path / "trigger_image_grid.png"
+    _backdoorbench_grid_png(png)
+    # BackdoorBench reads the PNG (its 32 px resize is the identity at 32 px) and, per channel,
+    # keeps the image where the trigger is 0 and takes the trigger's value where it is > 0.
+    trig = np.asarray(Image.open(png).convert("RGB"), dtype=np.int64)  # (H, W, C)
+    x = _images(4, 3, 32, seed)
+    hwc = x.permute(0, 2, 3, 1).numpy().astype(np.int64)
+    official = np.clip(hwc * (trig == 0) + trig * (trig > 0), 0, 255).astype(np.uint8)
+    pattern, mask = triggers.badnet_trigger("grid", 3, 32)
     out = triggers.apply_badnet(x, pattern, mask)
-    zero_cells = torch.zeros(32, 32, dtype=torch.bool)
-    zero_cells[29:32, 29:32] = cells == 0
-    assert zero_cells.sum() == 4
-    assert torch.equal(out[..., zero_cells], x[..., zero_cells])
-    assert (out[..., mask] == 255).all()
+    assert np.array_equal(out.permute(0, 2, 3, 1).numpy(), official)
+    # all nine cells are pasted: the dark ones become exactly 1, never the original pixel
+    assert int(mask.sum()) == 9 and bool(mask[29:, 29:].all())
+    dark = torch.zeros(32, 32, dtype=torch.bool)
+    dark[29:, 29:] = (torch.arange(3)[:, None] + torch.arange(3)[None, :]) % 2 == 1
+    assert (out[..., dark] == 1).all() and (out[..., mask & ~dark] == 255).all()
 
 
 @pytest.mark.parametrize("kind", triggers.BADNET_PATTERNS)
 @pytest.mark.parametrize("channels", CHANNELS)
 def test_badnet_scaled_to_64px_has_side_6_and_hard_edges(kind, channels):
     pattern, mask = triggers.badnet_trigger(kind, channels, 64)
-    # only 0 and 255: no interpolated (blurred) values
-    assert set(pattern.unique().tolist()) <= {0, 255}
+    # only 0, the grid's dark 1 and 255: no interpolated (blurred) values
+    assert set(pattern.unique().tolist()) <= {0, triggers.GRID_DARK, 255}
     rows = mask.any(1).nonzero().flatten()
     cols = mask.any(0).nonzero().flatten()
     assert rows.min() >= 58 and cols.min() >= 58  # within the 6x6 bottom-right corner
@@ -106,7 +120,7 @@ def test_badnet_scaled_to_64px_has_side_6_and_hard_edges(kind, channels):
     expected_cells = torch.full((3, 3), 255, dtype=torch.uint8)
     if kind == "grid":
         ii, jj = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
-        expected_cells = torch.where((ii + jj) % 2 == 0, 255, 0).to(torch.uint8)
+        expected_cells = torch.where((ii + jj) % 2 == 0, 255, triggers.GRID_DARK).to(torch.uint8)
     assert torch.equal(block, expected_cells.repeat_interleave(2, 0).repeat_interleave(2, 1))
     # every channel carries the same pattern
     assert torch.equal(pattern, pattern[:1].expand_as(pattern))

@@ -25,7 +25,7 @@ from utils.attacks import AttackSpec, register_attack
 from utils.config import Option
 from utils.datasets import DatasetInfo
 from utils.errors import UserError
-from utils.resources import Resource, tensor_digest
+from utils.resources import Resource, precision_key, tensor_digest
 from utils.surrogate import SURROGATE_OPTIONS, get_surrogate
 
 #: images per PGD chunk; the cache saves its progress after each one
@@ -106,7 +106,7 @@ def _prepare(ctx) -> dict:
     pool = (ctx.train.labels.cpu() == target).nonzero().flatten()
     key = {"dataset": info.name, "image_size": info.image_size, "seed": cfg["random_seed"], "target": target,
            "eps": eps, "step": step, "steps": steps, "surrogate": surrogate.identity,
-           "train_subset": tensor_digest(ctx.train_indices)}
+           "train_subset": tensor_digest(ctx.train_indices), **precision_key(ctx.amp)}
     resource = Resource("lc_pgd", key, ctx.resource_root)
 
     def build(progress):

@@ -32,7 +32,7 @@ from utils.attacks import AttackSpec, register_attack
 from utils.config import Option
 from utils.datasets import DatasetInfo
 from utils.errors import UserError
-from utils.resources import Resource, tensor_digest
+from utils.resources import Resource, precision_key, tensor_digest
 from utils.surrogate import SURROGATE_OPTIONS, get_surrogate
 
 #: optimisation steps between two saves of the resumable progress
@@ -118,7 +118,8 @@ def _prepare(ctx) -> dict:
     surrogate = get_surrogate(ctx)
     settings = {k: cfg[k] for k in ("lf_eps", "lf_cutoff", "lf_steps", "lf_step", "lf_batch_size")}
     key = {"dataset": info.name, "image_size": info.image_size, "seed": cfg["random_seed"], "target": target,
-           **settings, "surrogate": surrogate.identity, "train_subset": tensor_digest(ctx.train_indices)}
+           **settings, "surrogate": surrogate.identity, "train_subset": tensor_digest(ctx.train_indices),
+           **precision_key(ctx.amp)}
     resource = Resource("lf_pattern", key, ctx.resource_root)
     others = ctx.train.images[ctx.train.labels.cpu() != target]
     if len(others) == 0:

@@ -40,6 +40,13 @@ META_FILE = "meta.json"
 PARTIAL_FILE = "partial.pt"
 
 
+def precision_key(amp: torch.dtype | None) -> dict[str, str]:
+    """The autocast dtype a resource was computed under, for its key: a cache made in bf16 must not
+    serve a full-precision (`--amp none`) run. Full precision adds nothing, so the keys of caches
+    made before this entry existed (all in fp32) stay valid."""
+    return {} if amp is None else {"amp": str(amp).replace("torch.", "")}
+
+
 def digest(obj: Any) -> str:
     """SHA-256 of the canonical JSON form of `obj`."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

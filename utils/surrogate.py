@@ -18,7 +18,7 @@ from utils import engine
 from utils.config import Option, REPO_ROOT
 from utils.errors import UserError
 from utils.record import clean_state_dict, load_record, load_state_dict_checked
-from utils.resources import RESOURCE_OPTIONS, Resource, state_digest, tensor_digest
+from utils.resources import RESOURCE_OPTIONS, Resource, precision_key, state_digest, tensor_digest
 
 SURROGATE_OPTIONS = RESOURCE_OPTIONS + [
     Option("surrogate_record", str, "", "record folder whose model is the surrogate (empty: train a clean one)"),
@@ -73,7 +73,8 @@ def _trained(ctx) -> Surrogate:
     key = {"dataset": info.name, "image_size": info.image_size, "input_size": pipeline.input_size,
            "seed": cfg["random_seed"], "model": name, "epochs": epochs, "lr": cfg["lr"],
            "batch_size": cfg["batch_size"], "momentum": cfg["sgd_momentum"], "wd": cfg["wd"],
-           "lr_scheduler": cfg["lr_scheduler"], "train_subset": tensor_digest(ctx.train_indices)}
+           "lr_scheduler": cfg["lr_scheduler"], "train_subset": tensor_digest(ctx.train_indices),
+           **precision_key(ctx.amp)}
     resource = Resource("surrogate", key, ctx.resource_root)
 
     def build(progress):

@@ -14,12 +14,15 @@ import torch
 from utils.errors import UserError
 
 BADNET_PATTERNS = ("square", "grid")
+#: value of the grid's dark cells: the smallest non-zero value, so that they are pasted too
+GRID_DARK = 1
 
 
 def badnet_trigger(kind: str, channels: int, size: int, patch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """A `patch`x`patch` (at 32 px) trigger in the bottom-right corner, scaled to `size` without
     blurring. Returns (pattern uint8 (C,H,W), mask bool (H,W)): the trigger is pasted where the
-    pattern image is non-zero, so the black cells of the grid variant keep the original pixels."""
+    pattern image is non-zero. The grid's dark cells hold the value 1, as in BackdoorBench's grid
+    image (where 0 means "not trigger"), so all of its cells are pasted, dark ones as 1/255."""
     if kind not in BADNET_PATTERNS:
         raise UserError(f"unknown badnet pattern {kind!r}; choose one of: {', '.join(BADNET_PATTERNS)}")
     if patch < 1:
@@ -27,7 +30,7 @@ def badnet_trigger(kind: str, channels: int, size: int, patch: int = 3) -> tuple
     cells = torch.full((patch, patch), 255, dtype=torch.uint8)
     if kind == "grid":
         ii, jj = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
-        cells = torch.where((ii + jj) % 2 == 0, 255, 0).to(torch.uint8)
+        cells = torch.where((ii + jj) % 2 == 0, 255, GRID_DARK).to(torch.uint8)
     side = max(patch, round(patch * size / 32))
     if side > size:
         raise UserError(f"trigger side {side} px does not fit {size} px images")
