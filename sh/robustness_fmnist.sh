@@ -59,12 +59,14 @@ retune() {  # retune <name> <folder holding the model> <pratio> <defense>
   done
 }
 
+victim() {  # victim <attack> <pratio>
+  run "attack-$1-$2" "$(record "$1" "$2")/attack_result.pt" \
+    "$PYTHON" "attack/$1.py" --yaml_path "$PROTO" --pratio "$2" --record_root "$ROOT" --device "$DEVICE" \
+    --progress false "${ATTACK_ARGS[@]}"
+}
+
 for attack in "${ATTACKS[@]}"; do
-  for pratio in 0.1 0.0; do
-    run "attack-$attack-$pratio" "$(record "$attack" "$pratio")/attack_result.pt" \
-      "$PYTHON" "attack/$attack.py" --yaml_path "$PROTO" --pratio "$pratio" --record_root "$ROOT" --device "$DEVICE" \
-      --progress false "${ATTACK_ARGS[@]}"
-  done
+  victim "$attack" 0.1
   rec=$(record "$attack" 0.1)
   # bti and pam in one ft.py call: they share the pre-trained BTI-DBF generator
   unlearn=()
@@ -85,6 +87,7 @@ for attack in "${ATTACKS[@]}"; do
     [ -f "$rec/defense/$mode/model.pt" ] && retune "$attack-$mode" "$rec/defense/$mode" 0.1 "$mode"
   done
   retune "$attack-none" "$rec" 0.1 none
+  victim "$attack" 0.0  # the clean model: RA baseline and QRA's clean reference
   retune "$attack-clean" "$(record "$attack" 0.0)" 0.0 none
   if [ "$QRA" = 1 ]; then
     for mode in "${QRA_MODES[@]}"; do
