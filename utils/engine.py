@@ -129,6 +129,11 @@ class Pipeline:
 
     def train_batch(self, x_u8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """Random crop with zero padding (as torchvision's RandomCrop(padding)) and optional flip."""
+        return self._finish(self.augment_uint8(x_u8, gen))
+
+    def augment_uint8(self, x_u8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The crop and flip of `train_batch` alone, uint8 in and out (for attacks that trigger the
+        augmented image themselves)."""
         n, _, h, w = x_u8.shape
         dev = x_u8.device
         if self.pad:
@@ -142,7 +147,7 @@ class Pipeline:
         if self.flip:
             flip = torch.rand(n, device=dev, generator=gen) < 0.5
             x_u8 = torch.where(flip[:, None, None, None], x_u8.flip(3), x_u8)
-        return self._finish(x_u8)
+        return x_u8
 
 
 def derive_seed(seed: int, purpose: str) -> int:
