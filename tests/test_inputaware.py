@@ -401,3 +401,14 @@ def test_default_config_is_the_originals_classifier_schedule():
         assert not cfg["generator_zero_grad"]
     with pytest.raises(UserError, match="net_depth"):
         ia.inputaware_build(_cfg(net_depth=3), SimpleNamespace(**{**vars(dataset_info("fmnist")), "image_size": 6}))
+
+
+def test_cpu_recipe_loads_and_differs_from_the_default_only_where_documented():
+    from utils.victim import parse_attack_config
+
+    base = ["--yaml_path", "config/attack/prototype/fmnist.yaml"]
+    default = parse_attack_config("inputaware", base)
+    cpu = parse_attack_config("inputaware", base + ["--bd_yaml_path", "config/attack/inputaware/fmnist_cpu.yaml"])
+    differ = {k for k in default if default[k] != cpu[k]}
+    assert differ == {"mask_epochs", "net_width", "net_depth", "lr", "lr_scheduler", "bd_yaml_path"}
+    assert (cpu["net_width"], cpu["net_depth"], cpu["lr"], cpu["lr_scheduler"]) == (16, 2, 0.05, "cosine")

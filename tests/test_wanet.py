@@ -208,3 +208,14 @@ def test_augmentation_options_are_checked():
         wanet_hooks({**cfg, "random_crop": 28, "random_rotation": 10.0}, None, exp)
     with pytest.raises(UserError, match="random_rotation"):
         wanet_hooks({**cfg, "random_crop": 5, "random_rotation": -1.0}, None, exp)
+
+
+def test_cpu_recipe_loads_and_differs_from_the_default_only_where_documented():
+    from utils.victim import parse_attack_config
+
+    base = ["--yaml_path", "config/attack/prototype/fmnist.yaml"]
+    default = parse_attack_config("wanet", base)
+    cpu = parse_attack_config("wanet", base + ["--bd_yaml_path", "config/attack/wanet/fmnist_cpu.yaml"])
+    differ = {k for k in default if default[k] != cpu[k]}
+    assert differ == {"post_augment", "lr_scheduler", "bd_yaml_path"}
+    assert not cpu["post_augment"] and cpu["lr_scheduler"] == "cosine"
