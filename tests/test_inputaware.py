@@ -18,11 +18,11 @@ from utils.datasets import dataset_info
 from utils.errors import UserError
 
 
-def _params(channels: int, size: int, seed: int = 0, width: int = 4) -> dict:
+def _params(channels: int, size: int, seed: int = 0, width: int = 4, depth: int = 3, norm: str = "batch") -> dict:
     """Trigger parameters as build + prepare make them (the mask network untrained but seeded)."""
-    return {"channels": channels, "image_size": size, "width": width,
-            "generator": ia.plain_state(ia.init_generator(channels, width, seed).state_dict()),
-            "mask": ia.plain_state(ia.init_mask(channels, width, seed).state_dict())}
+    return {"channels": channels, "image_size": size, "width": width, "depth": depth, "norm": norm,
+            "generator": ia.plain_state(ia.init_generator(channels, width, seed, depth, norm).state_dict()),
+            "mask": ia.plain_state(ia.init_mask(channels, width, seed, depth, norm).state_dict())}
 
 
 def _cfg(**over) -> dict:
@@ -261,3 +261,154 @@ def test_mask_pretraining_resumes_exactly_after_a_kill():
     resumed, _ = ia.train_mask_net(images, progress=progress, **kwargs)
     ref = straight.state_dict()
     assert all(torch.equal(resumed.state_dict()[k], ref[k]) for k in ref)
+
+
+def _conv_layout(net: torch.nn.Module) -> list[tuple[int, int, bool]]:
+    """(in, out, followed by ReLU) for every convolution in order; each must be followed by a norm."""
+    mods = list(net.modules())
+    out = []
+    for i, mod in enumerate(mods):
+        if isinstance(mod, torch.nn.Conv2d):
+            norm = mods[i + 1]
+            assert isinstance(norm, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))
+            relu = i + 2 < len(mods) and isinstance(mods[i + 2], torch.nn.ReLU)
+            out.append((mod.in_channels, mod.out_channels, relu))
+    return out
+
+
+def test_networks_have_the_originals_layout_and_batchnorm():
+    # the original's blocks for CIFAR: 3 levels from 32 channels, one middle convolution, a halving
+    # convolution at each level on the way up, no ReLU after the last one
+    cifar = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128), (128, 128),
+             (128, 128), (128, 64), (64, 64), (64, 32), (32, 32), (32, 3)]
+    layout = _conv_layout(ia.PatternGenerator(3, 32, 3, "batch"))
+    assert [c[:2] for c in layout] == cifar
+    assert [c[2] for c in layout] == [True] * 12 + [False]
+    mnist = [(1, 16), (16, 16), (16, 32), (32, 32), (32, 32), (32, 32), (32, 16), (16, 16), (16, 1)]
+    assert [c[:2] for c in _conv_layout(ia.MaskGenerator(1, 16, 2, "batch"))] == mnist
+    bns = [m for m in ia.PatternGenerator(3, 32, 3, "batch").modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 13 and all(b.momentum == 0.05 and b.eps == 1e-5 and b.affine for b in bns)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in ia.PatternGenerator(3, 32, 3, "group").modules())
+    cfg = _cfg()
+    assert (cfg["net_width"], cfg["net_depth"], cfg["net_norm"], cfg["augment_order"]) == (32, 3, "batch", "pre")
+    # 28 px is not a multiple of 8: the upsampling returns to each level's size
+    x = torch.rand(2, 1, 28, 28)
+    assert ia.PatternGenerator(1, 4, 3).eval()(x).shape == x.shape
+
+
+def test_squashing_and_threshold_are_the_originals():
+    torch.manual_seed(0)
+    g = ia.PatternGenerator(1, 4, 2, "group").eval()
+    m = ia.MaskGenerator(1, 4, 2, "group").eval()
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        raw_g = ia.EncoderDecoder.forward(g, x)
+        raw_m = ia.EncoderDecoder.forward(m, x)
+        assert torch.allclose(g(x), torch.tanh(raw_g) / (2 + 1e-7) + 0.5, atol=1e-7)
+        soft = torch.tanh(raw_m) / (2 + 1e-7) + 0.5
+        assert torch.allclose(m(x), torch.tanh(soft * 20 - 10) / (2 + 1e-7) + 0.5, atol=1e-7)
+
+
+def test_generator_runs_separately_on_backdoor_images_and_sources_and_pairs_them_for_diversity():
+    """With BatchNorm in train mode each group is normalised by its own statistics, as the original's
+    two calls; the diversity loss pairs backdoor image i with cross source i."""
+    torch.manual_seed(0)
+    g = ia.PatternGenerator(1, 4, 2, "batch").train()
+    m = ia.MaskGenerator(1, 4, 2, "batch").eval()
+    x = torch.rand(20, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(20) % 10
+    n_bd, n_cross = 3, 3
+    sources = ia.partners(20, n_bd, n_cross, torch.Generator().manual_seed(3), torch.device("cpu"))
+    images, _, div = ia.poison_batch(x, y, g, m, n_bd, n_cross, sources, 0, "all2one", 10)
+    with torch.no_grad():
+        p_own, p_src = g(x[:n_bd]), g(x[sources])
+        m_own, m_src = m(x[:n_bd]), m(x[sources])
+        own = x[:n_bd] + m_own * (p_own - x[:n_bd])
+        cross = x[n_bd:6] + m_src * (p_src - x[n_bd:6])
+    assert torch.allclose(images[:n_bd], (own * 255).round() / 255, atol=1e-6)
+    assert torch.allclose(images[n_bd:6], (cross * 255).round() / 255, atol=1e-6)
+    # the original's loss: mean over pairs of rms(x1 - x2) / (rms(G(x1) - G(x2)) + 1e-7)
+    d_img = (x[:n_bd] - x[sources]).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    d_pat = (p_own - p_src).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert torch.allclose(div, (d_img / (d_pat + 1e-7)).mean(), rtol=1e-4)
+
+
+def test_augmentation_comes_before_the_trigger_and_nothing_after():
+    cfg = _cfg(pratio=0.25)
+    params = _params(1, 28)
+    exp = _fake_experiment(params)
+    hooks = get_attack("inputaware").training(cfg, None, exp)
+    seen = []
+
+    def net(inputs):
+        seen.append(inputs.detach().clone())
+        return torch.zeros(len(inputs), 10, requires_grad=True)
+
+    idx = torch.arange(16)
+    hooks.loss_fn(net, None, exp.train.labels[idx], idx)
+    # the same draws: the pipeline's crop/flip first, from the hook's own generator
+    gen = engine.make_generator(0, torch.device("cpu"), "inputaware-batches")
+    aug = exp.pipeline.augment(exp.train.images[idx], gen).float() / 255
+    pipe = exp.pipeline
+    assert not torch.equal(aug, exp.train.images[idx].float() / 255)
+    n_bd, n_cross = ia.batch_counts(16, 0.25, 1.0)
+    assert torch.allclose(seen[0][n_bd + n_cross:], ((aug - pipe.mean) / pipe.std)[n_bd + n_cross:], atol=1e-5)
+    g = ia.PatternGenerator(1, 4, 3, "batch")
+    g.load_state_dict(params["generator"])
+    m = ia.MaskGenerator(1, 4, 3, "batch")
+    m.load_state_dict(params["mask"])
+    with torch.no_grad():
+        own = ia.blend(aug[:n_bd], g.train()(aug[:n_bd]), m.eval()(aug[:n_bd]))
+    assert torch.allclose(seen[0][:n_bd], ((own * 255).round() / 255 - pipe.mean) / pipe.std, atol=1e-4)
+    # augment_order post: the raw image is triggered, then shifted/rotated (clean rows no longer the crop)
+    post = get_attack("inputaware").training(_cfg(pratio=0.25, augment_order="post"), None, _fake_experiment(params))
+    post.loss_fn(net, None, exp.train.labels[idx], idx)
+    assert not torch.allclose(seen[1][n_bd + n_cross:], seen[0][n_bd + n_cross:], atol=1e-3)
+
+
+def test_generator_gradient_accumulates_as_in_the_original_unless_cleared():
+    import models
+
+    params = _params(1, 28)
+    torch.manual_seed(0)
+    model = models.build_model("smallcnn", 10, 1, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    exp = _fake_experiment(params)
+    hooks = get_attack("inputaware").training(_cfg(pratio=0.25), model, exp)
+    gnet = hooks.state["generator"]
+    _step(hooks, model, opt, exp, torch.arange(16))
+    first = [p.grad.clone() for p in gnet.parameters()]
+    idx = torch.arange(16, 32)
+    loss, _ = hooks.loss_fn(model, None, exp.train.labels[idx], idx)
+    second = torch.autograd.grad(loss, list(gnet.parameters()), retain_graph=True, allow_unused=True)
+    opt.zero_grad()
+    loss.backward()
+    for p, a, b in zip(gnet.parameters(), first, second):
+        assert torch.allclose(p.grad, a + (b if b is not None else 0), atol=1e-6)  # the running sum
+    assert "generator_grad" in hooks.state
+    cleared = get_attack("inputaware").training(_cfg(pratio=0.25, generator_zero_grad=True), model, exp)
+    _step(cleared, model, opt, exp, torch.arange(16))
+    assert all(p.grad is None for p in cleared.state["generator"].parameters())
+
+
+def test_default_config_is_the_originals_classifier_schedule():
+    from utils.victim import parse_attack_config
+
+    for proto in ("cifar10", "fmnist"):
+        cfg = parse_attack_config("inputaware", ["--yaml_path", f"config/attack/prototype/{proto}.yaml"])
+        assert cfg["lr"] == 0.01 and cfg["lr_scheduler"] == "none"
+        assert (cfg["net_width"], cfg["net_depth"], cfg["net_norm"], cfg["augment_order"]) == (32, 3, "batch", "pre")
+        assert not cfg["generator_zero_grad"]
+    with pytest.raises(UserError, match="net_depth"):
+        ia.inputaware_build(_cfg(net_depth=3), SimpleNamespace(**{**vars(dataset_info("fmnist")), "image_size": 6}))
+
+
+def test_cpu_recipe_loads_and_differs_from_the_default_only_where_documented():
+    from utils.victim import parse_attack_config
+
+    base = ["--yaml_path", "config/attack/prototype/fmnist.yaml"]
+    default = parse_attack_config("inputaware", base)
+    cpu = parse_attack_config("inputaware", base + ["--bd_yaml_path", "config/attack/inputaware/fmnist_cpu.yaml"])
+    differ = {k for k in default if default[k] != cpu[k]}
+    assert differ == {"mask_epochs", "net_width", "net_depth", "lr", "lr_scheduler", "bd_yaml_path"}
+    assert (cpu["net_width"], cpu["net_depth"], cpu["lr"], cpu["lr_scheduler"]) == (16, 2, 0.05, "cosine")

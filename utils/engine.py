@@ -133,7 +133,8 @@ class Pipeline:
 
     def augment(self, x_u8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """The random crop and flip of `train_batch` alone, uint8 in and out (for callers that choose
-        per sample which images are augmented, or draw an augmentation once and keep it)."""
+        per sample which images are augmented, draw an augmentation once and keep it, or trigger
+        the augmented image themselves)."""
         n, _, h, w = x_u8.shape
         dev = x_u8.device
         if self.pad:

@@ -1,9 +1,11 @@
-"""Input-aware dynamic backdoor (Nguyen & Tran, NeurIPS 2020; REFERENCE §4): a generator network G
-draws an input-specific trigger pattern and a mask network M decides where it goes,
+"""Input-aware dynamic backdoor (Nguyen & Tran, NeurIPS 2020): a generator network G draws an
+input-specific trigger pattern and a mask network M decides where it goes,
 
     x' = x + M(x) * (G(x) - x)          (pixel space, x in [0, 1]; M has one channel)
 
-so every image carries its own trigger. Training has two phases.
+so every image carries its own trigger. G and M are the original's encoder-decoders: 3 levels of
+32, 64, 128 channels with BatchNorm (`net_depth`, `net_width`, `net_norm`; the original uses 2
+levels from 16 channels for MNIST only). Training has two phases.
 
 Phase 1 (the `prepare` resource step, cached and resumable per epoch): M alone is trained for
 `mask_epochs` on pairs of training images (x1, x2) drawn from two independent shuffles with
@@ -20,26 +22,27 @@ Phase 2 (inside the victim's training, batch poisoning like WaNet): in each batc
 `int(pratio * B)` samples get their own trigger and the backdoor label, the next
 `int(cross_ratio * pratio * B)` get the trigger made by G and M from ANOTHER sample of the batch and
 keep their labels (cross-trigger samples: they teach the classifier that a trigger only works on
-the image it was made for), the rest stay clean. G is trained jointly with the classifier on
-cross-entropy plus lambda_div * mean(|x_a - x_b| / |G(x_a) - G(x_b)|) over pairs of different
-inputs, with its own Adam (lr `generator_lr`, betas 0.5/0.9) stepped after the classifier's SGD
-step; M stays fixed.
+the image it was made for), the rest stay clean. G (in train mode) is trained jointly with the
+classifier on cross-entropy plus lambda_div * mean(|x_a - x_b| / |G(x_a) - G(x_b)|) over the pairs
+(backdoor image, cross source), with its own Adam (lr `generator_lr`, betas 0.5/0.9) stepped after
+the classifier's SGD step; M stays fixed. The original never clears G's gradient in this phase, so
+each of its steps follows the sum of all gradients so far; `generator_zero_grad: true` clears it
+after each step instead. The classifier trains with SGD at lr 0.01, constant (the attack YAML).
 
 How the trigger meets the toolkit's pipeline: the hooks fetch the batch's raw uint8 images by their
 dataset indices and build the inputs themselves (`augment=False`, the pipeline's normalised batch is
-not used). The trigger is thus computed exactly as `apply` computes it at test time: on the native
-image in [0, 1], in float32, and rounded to the uint8 grid with a straight-through gradient, so the
-classifier learns on the very images a record's poisoned samples will be. Then the batch is
-normalised and resized like `engine.Pipeline` does and gets the original attack's post-trigger
-augmentation (random shift of `random_crop` pixels and rotation of `random_rotation` degrees, plus a
-horizontal flip where the dataset allows it). Un-normalising the pipeline's batch instead would be
-exact only up to rounding, impossible after a resize to another input size, and with the pipeline's
-augmentation the trigger would be computed on a shifted image rather than the image itself.
+not used). As in the original, the images first get the pipeline's random crop and flip, then the
+trigger, and nothing after (`augment_order: post` instead triggers the raw image and then shifts it
+by `random_crop` pixels, rotates it by up to `random_rotation` degrees and flips it, per sample).
+The trigger is computed as `apply` computes it at test time, on the native-size image in [0, 1], in
+float32, rounded to the uint8 grid with a straight-through gradient; then the batch is normalised
+and resized like `engine.Pipeline` does. With BatchNorm (the default) a training trigger uses the
+statistics of its batch, a test trigger the running ones, as in the original; `net_norm: group`
+makes every trigger independent of its batch and of train/eval mode.
 
 What is stored: M's weights (after phase 1) and G's weights (after the last epoch) are trigger
 parameters, hence in the record, so `apply` can re-create every poisoned sample and the backdoor test
-set from a record alone. The networks use per-sample GroupNorm instead of the original's BatchNorm
-and no dropout, so a trigger depends neither on the batch an image is in nor on train/eval mode.
+set from a record alone.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ from tqdm.auto import tqdm
 
 from utils import engine
 from utils.attacks import AttackSpec, TrainingHooks, register_attack
-from utils.config import Option
+from utils.config import Option, parse_bool
 from utils.errors import UserError
 from utils.poison import backdoor_labels
 from utils.resources import RESOURCE_OPTIONS, Resource, tensor_digest
@@ -67,55 +70,73 @@ INPUTAWARE_OPTIONS = RESOURCE_OPTIONS + [
     Option("mask_lr", float, 0.01, "Adam learning rate of the mask network"),
     Option("mask_batch_size", int, 128, "batch size of the mask pre-training"),
     Option("generator_lr", float, 0.01, "Adam learning rate of the pattern generator (phase 2)"),
+    Option("generator_zero_grad", parse_bool, False,
+           "clear G's gradient after each step; false: it accumulates over the whole run, as in the original"),
     Option("cross_ratio", float, 1.0, "cross-trigger samples per backdoor sample in each batch"),
-    Option("net_width", int, 16, "channels of the first level of G and M (doubled at each of their 2 "
-           "downsamplings; the original uses 16 for MNIST and 32 with 3 levels for CIFAR)"),
-    Option("random_crop", int, 5, "post-trigger augmentation: random shift in pixels (0: none)"),
-    Option("random_rotation", float, 10.0, "post-trigger augmentation: random rotation in degrees (0: none)"),
+    Option("net_width", int, 32, "channels of the first level of G and M, doubled at each further level "
+           "(the original: 32, and 16 for MNIST)"),
+    Option("net_depth", int, 3, "levels (downsamplings) of G and M (the original: 3, and 2 for MNIST)"),
+    Option("net_norm", str, "batch", "normalisation in G and M: batch (the original's BatchNorm; a training "
+           "batch's triggers use its statistics) or group (per-sample GroupNorm, a trigger independent of the "
+           "batch and of train/eval mode)", choices=("batch", "group")),
+    Option("augment_order", str, "pre", "pre: the pipeline's crop/flip before the trigger, nothing after, as the "
+           "original; post: trigger on the raw image, then a per-sample shift/rotation/flip", choices=("pre", "post")),
+    Option("random_crop", int, 5, "augment_order post only: random shift in pixels (0: none)"),
+    Option("random_rotation", float, 10.0, "augment_order post only: random rotation in degrees (0: none)"),
 ]
 
 #: images per forward pass in `apply` and in the measurements (bounds the memory)
 CHUNK = 256
-#: added to the pattern/mask distance in the diversity losses (the original's epsilon)
+#: added to the pattern/mask distance in the diversity losses and to the tanh squashing's divisor
+#: (the original's epsilon)
 EPS = 1e-7
-#: the encoder-decoder's number of downsamplings
-DEPTH = 2
 
 
 # --- networks -------------------------------------------------------------------------------
 
 #: architecture tag, part of the mask cache's key (a cache of another architecture cannot load)
-ARCH = "encdec2-groupnorm-v1"
+ARCH = "encdec-v2"
 
 
-def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True))
+def _conv(cin: int, cout: int, norm: str, relu: bool = True) -> nn.Sequential:
+    # BatchNorm as the original's blocks (momentum 0.05)
+    layers = [nn.Conv2d(cin, cout, 3, 1, 1),
+              nn.BatchNorm2d(cout, eps=1e-5, momentum=0.05) if norm == "batch" else nn.GroupNorm(min(4, cout), cout)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _squash(h: torch.Tensor) -> torch.Tensor:
+    """The original's map to (0, 1): tanh(h) / (2 + eps) + 1/2."""
+    return torch.tanh(h) / (2 + EPS) + 0.5
 
 
 class EncoderDecoder(nn.Module):
-    """Convolutional encoder-decoder (no skips): image in [0, 1] -> raw map of `out_channels` at the
-    input's size. Works for any channel count and any size >= 4. Each convolution is followed by a
-    per-sample GroupNorm: the original uses BatchNorm, which keeps the signal alive through the
-    deep stack; without any normalisation the freshly initialised networks map every input to
-    nearly the same output, the diversity ratio starts in the thousands and G, once its tanh
-    saturates, never recovers. GroupNorm does the same job without making an image's trigger
-    depend on the other images of its batch or on train/eval mode."""
+    """The original's convolutional encoder-decoder (no skips): image in [0, 1] -> raw map of
+    `out_channels` at the input's size. Level l has width * 2**l channels: two convolutions then a
+    2x2 max-pool on the way down, one convolution in the middle, and on the way up a bilinear
+    upsampling, a convolution and a convolution that halves the channels (the very last one maps to
+    `out_channels` and has no ReLU). Every convolution is followed by a normalisation: without it
+    the freshly initialised networks map every input to nearly the same output and G never recovers.
+    The upsampling goes back to the size of the level above, so sizes that are not multiples of
+    2**depth (28 px at depth 3) work too; for other sizes it is the original's factor 2."""
 
-    def __init__(self, in_channels: int, out_channels: int, width: int = 16, depth: int = DEPTH):
+    def __init__(self, in_channels: int, out_channels: int, width: int = 32, depth: int = 3, norm: str = "batch"):
         super().__init__()
-        widths = [width * 2 ** level for level in range(depth + 1)]
+        widths = [width * 2 ** level for level in range(depth)]
         self.down = nn.ModuleList()
         cin = in_channels
-        for level in range(depth):
-            self.down.append(nn.Sequential(_conv(cin, widths[level]), _conv(widths[level], widths[level])))
-            cin = widths[level]
-        self.middle = nn.Sequential(_conv(cin, widths[depth]), _conv(widths[depth], widths[depth]))
+        for w in widths:
+            self.down.append(nn.Sequential(_conv(cin, w, norm), _conv(w, w, norm)))
+            cin = w
+        self.middle = _conv(cin, cin, norm)
         self.up = nn.ModuleList()
-        cin = widths[depth]
         for level in reversed(range(depth)):
-            self.up.append(nn.Sequential(_conv(cin, widths[level]), _conv(widths[level], widths[level])))
-            cin = widths[level]
-        self.out = nn.Conv2d(cin, out_channels, 3, 1, 1)
+            w = widths[level]
+            last = level == 0
+            cout = out_channels if last else widths[level - 1]
+            self.up.append(nn.Sequential(_conv(w, w, norm), _conv(w, cout, norm, relu=not last)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x - 0.5
@@ -127,29 +148,28 @@ class EncoderDecoder(nn.Module):
         h = self.middle(h)
         for block, size in zip(self.up, reversed(sizes)):
             h = block(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
-        return self.out(h)
+        return h
 
 
 class PatternGenerator(EncoderDecoder):
-    """G: image -> trigger pattern of the same shape, in (0, 1) through a tanh."""
+    """G: image -> trigger pattern of the same shape, in (0, 1)."""
 
-    def __init__(self, channels: int, width: int = 16):
-        super().__init__(channels, channels, width)
+    def __init__(self, channels: int, width: int = 32, depth: int = 3, norm: str = "batch"):
+        super().__init__(channels, channels, width, depth, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 + 0.5 * torch.tanh(super().forward(x))
+        return _squash(super().forward(x))
 
 
 class MaskGenerator(EncoderDecoder):
-    """M: image -> one-channel mask in (0, 1). As in the original, a first squashing to (0, 1) is
+    """M: image -> one-channel mask in (0, 1). As in the original, the squashing to (0, 1) is
     followed by a steep threshold around 0.5, so the masks end up nearly binary."""
 
-    def __init__(self, channels: int, width: int = 16):
-        super().__init__(channels, 1, width)
+    def __init__(self, channels: int, width: int = 32, depth: int = 3, norm: str = "batch"):
+        super().__init__(channels, 1, width, depth, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        soft = torch.sigmoid(2 * super().forward(x))
-        return torch.sigmoid(40 * soft - 20)
+        return _squash(20 * _squash(super().forward(x)) - 10)
 
 
 def blend(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,12 +207,20 @@ def _seeded_init(factory, seed: int, purpose: str) -> nn.Module:
         return factory()
 
 
-def init_generator(channels: int, width: int, seed: int) -> PatternGenerator:
-    return _seeded_init(lambda: PatternGenerator(channels, width), seed, "inputaware-generator-init")
+def init_generator(channels: int, width: int, seed: int, depth: int = 3, norm: str = "batch") -> PatternGenerator:
+    return _seeded_init(lambda: PatternGenerator(channels, width, depth, norm), seed, "inputaware-generator-init")
 
 
-def init_mask(channels: int, width: int, seed: int) -> MaskGenerator:
-    return _seeded_init(lambda: MaskGenerator(channels, width), seed, "inputaware-mask-init")
+def init_mask(channels: int, width: int, seed: int, depth: int = 3, norm: str = "batch") -> MaskGenerator:
+    return _seeded_init(lambda: MaskGenerator(channels, width, depth, norm), seed, "inputaware-mask-init")
+
+
+def net_arch(params: dict[str, Any]) -> dict[str, Any]:
+    """G's and M's architecture from trigger parameters (width, depth, norm)."""
+    if "depth" not in params:
+        raise UserError("this Input-aware record was made with the earlier 2-level GroupNorm networks, which this "
+                        "version no longer builds; re-run the attack")
+    return {"width": params["width"], "depth": params["depth"], "norm": params["norm"]}
 
 
 def plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,7 +236,7 @@ def _fp32():
 # --- options --------------------------------------------------------------------------------
 
 def check_options(cfg: dict, image_size: int) -> None:
-    for key in ("mask_epochs", "mask_batch_size", "net_width"):
+    for key in ("mask_epochs", "mask_batch_size", "net_width", "net_depth"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be positive, got {cfg[key]}")
     if cfg["mask_batch_size"] < 2:
@@ -227,8 +255,11 @@ def check_options(cfg: dict, image_size: int) -> None:
         raise UserError(f"random_rotation must be at most 180 degrees, got {cfg['random_rotation']}")
     if not 0 <= cfg["random_crop"] < image_size:
         raise UserError(f"random_crop must be within [0, {image_size - 1}] pixels, got {cfg['random_crop']}")
-    if image_size < 4:
-        raise UserError(f"Input-aware needs images of at least 4 px, got {image_size}")
+    if cfg["net_depth"] > 5:
+        raise UserError(f"net_depth must be at most 5, got {cfg['net_depth']}")
+    if image_size < 2 ** cfg["net_depth"]:
+        raise UserError(f"net_depth {cfg['net_depth']} halves the image {cfg['net_depth']} times: it needs images of at "
+                        f"least {2 ** cfg['net_depth']} px, got {image_size}")
     if 0 < cfg["pratio"] and int(cfg["batch_size"] * cfg["pratio"]) < 1:
         raise UserError(f"pratio {cfg['pratio']} x batch_size {cfg['batch_size']} is below one sample: no image of a "
                         "batch would be poisoned; raise --batch_size or --pratio")
@@ -243,11 +274,11 @@ def mask_milestones(epochs: int) -> list[int]:
 
 def train_mask_net(images: torch.Tensor, epochs: int, batch_size: int, lr: float, density: float, lambda_norm: float,
                    lambda_div: float, width: int, seed: int, device: torch.device, progress=None,
-                   show: bool = False) -> tuple[MaskGenerator, dict[str, float]]:
+                   show: bool = False, depth: int = 3, norm: str = "batch") -> tuple[MaskGenerator, dict[str, float]]:
     """Pre-train M on uint8 `images` (N, C, H, W). `progress` (a resources.Progress or None) saves
     the state after every epoch, so a killed run resumes at the last finished epoch."""
     channels = images.shape[1]
-    net = init_mask(channels, width, seed).to(device)
+    net = init_mask(channels, width, seed, depth, norm).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, mask_milestones(epochs), 0.1)
     gen = torch.Generator().manual_seed(engine.derive_seed(seed, "inputaware-mask-batches"))
@@ -314,7 +345,8 @@ def mask_key(ctx) -> dict[str, Any]:
     return {"dataset": info.name, "image_size": info.image_size, "channels": info.channels, "seed": cfg["random_seed"],
             "epochs": cfg["mask_epochs"], "density": cfg["mask_density"], "lambda_norm": cfg["lambda_norm"],
             "lambda_div": cfg["lambda_div"], "lr": cfg["mask_lr"], "batch_size": cfg["mask_batch_size"],
-            "width": cfg["net_width"], "arch": ARCH, "train_subset": tensor_digest(ctx.train_indices)}
+            "width": cfg["net_width"], "depth": cfg["net_depth"], "norm": cfg["net_norm"], "arch": ARCH,
+            "train_subset": tensor_digest(ctx.train_indices)}
 
 
 def inputaware_prepare(ctx) -> dict[str, Any]:
@@ -326,13 +358,14 @@ def inputaware_prepare(ctx) -> dict[str, Any]:
         start = time.perf_counter()
         net, stats = train_mask_net(ctx.train.images, cfg["mask_epochs"], cfg["mask_batch_size"], cfg["mask_lr"],
                                     cfg["mask_density"], cfg["lambda_norm"], cfg["lambda_div"], cfg["net_width"],
-                                    cfg["random_seed"], ctx.device, progress, ctx.progress)
+                                    cfg["random_seed"], ctx.device, progress, ctx.progress, cfg["net_depth"],
+                                    cfg["net_norm"])
         info = {k: round(v, 5) for k, v in stats.items()}
         info["train_seconds"] = round(time.perf_counter() - start, 1)
         return {"mask": plain_state(net.state_dict())}, info
 
     payload = resource.get(build)
-    net = MaskGenerator(params["channels"], params["width"])
+    net = MaskGenerator(params["channels"], **net_arch(params))
     net.load_state_dict(payload["mask"])
     stats = mask_stats(net, ctx.test.images, ctx.device)
     info = {"mask_epochs": int(cfg["mask_epochs"]), "mask_density_test": round(stats["mask_density"], 5),
@@ -349,9 +382,10 @@ def inputaware_build(cfg: dict, info) -> dict[str, Any]:
     """Architecture facts and G's seeded initial weights (the backdoor test set before any training
     uses them); M's weights come from `inputaware_prepare`."""
     check_options(cfg, info.image_size)
-    width = int(cfg["net_width"])
-    return {"channels": int(info.channels), "image_size": int(info.image_size), "width": width,
-            "generator": plain_state(init_generator(info.channels, width, cfg["random_seed"]).state_dict())}
+    arch = {"width": int(cfg["net_width"]), "depth": int(cfg["net_depth"]), "norm": cfg["net_norm"]}
+    gnet = init_generator(info.channels, seed=cfg["random_seed"], **arch)
+    return {"channels": int(info.channels), "image_size": int(info.image_size), **arch,
+            "generator": plain_state(gnet.state_dict())}
 
 
 # built networks per params: (id(G state), id(M state)) -> (those states, device -> (G, M)). The
@@ -371,9 +405,9 @@ def networks_for(params: dict[str, Any], device: torch.device) -> tuple[PatternG
         _BUILT[key] = entry
     nets = entry[1]
     if str(device) not in nets:
-        g = PatternGenerator(params["channels"], params["width"])
+        g = PatternGenerator(params["channels"], **net_arch(params))
         g.load_state_dict(g_state)
-        m = MaskGenerator(params["channels"], params["width"])
+        m = MaskGenerator(params["channels"], **net_arch(params))
         m.load_state_dict(m_state)
         nets[str(device)] = (g.to(device).eval(), m.to(device).eval())
     return nets[str(device)]
@@ -424,23 +458,39 @@ def poison_batch(x: torch.Tensor, y: torch.Tensor, gnet: nn.Module, mnet: nn.Mod
     """In-batch poisoning on pixel-space images x in [0, 1]: the first `n_bd` get their own trigger
     and the backdoor label; the next `n_cross` get the trigger of `x[sources]` and keep their labels;
     the rest are returned unchanged. Triggered images are rounded to the uint8 grid (straight-through).
-    Returns (images, labels, pattern diversity loss); the gradient reaches G, never M."""
+    As in the original, G runs once on the backdoor images and once on the sources (with BatchNorm in
+    train mode, each group is normalised by its own statistics), and the diversity loss pairs the
+    i-th backdoor image with the i-th source. Returns (images, labels, pattern diversity loss); the
+    gradient reaches G, never M."""
     if n_bd + n_cross == 0:
         return x, y, x.new_zeros(())
-    made = torch.cat((x[:n_bd], x[sources]))  # the images whose own G and M make the triggers
-    patterns = gnet(made)
+    own, src = x[:n_bd], x[sources]
+    own_patterns = gnet(own) if n_bd else own
+    src_patterns = gnet(src) if n_cross else src
     with torch.no_grad():
-        masks = mnet(made)
-    receivers = x[:n_bd + n_cross]
-    triggered = to_uint8_grid(blend(receivers, patterns, masks))
-    images = torch.cat((triggered, x[n_bd + n_cross:]))
+        own_masks = mnet(own) if n_bd else own[:, :1]
+        src_masks = mnet(src) if n_cross else src[:, :1]
+    triggered = torch.cat((blend(own, own_patterns, own_masks), blend(x[n_bd:n_bd + n_cross], src_patterns, src_masks)))
+    images = torch.cat((to_uint8_grid(triggered), x[n_bd + n_cross:]))
     labels = torch.cat((backdoor_labels(y[:n_bd], target, label_trans, classes), y[n_bd:]))
-    if len(made) > 1:  # pairs of different inputs: each with the next one
-        other = torch.roll(torch.arange(len(made), device=x.device), -1)
-        div = diversity_loss(made, made[other], patterns, patterns[other])
-    else:
-        div = patterns.sum() * 0
+    pairs = min(n_bd, n_cross)
+    div = diversity_loss(own[:pairs], src[:pairs], own_patterns[:pairs], src_patterns[:pairs])
     return images, labels, div
+
+
+class _GradState:
+    """G's accumulated gradient seen as an object with state_dict()/load_state_dict(), so a resumed
+    run carries on the original's never-cleared sum."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.grad.detach().clone() for name, p in self.net.named_parameters() if p.grad is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, p in self.net.named_parameters():
+            p.grad = state[name].to(p.device).clone() if name in state else None
 
 
 class _RngState:
@@ -459,22 +509,24 @@ class _RngState:
 def inputaware_hooks(cfg: dict, model, exp) -> TrainingHooks:
     device = exp.device
     params = exp.trigger_params
-    gnet = PatternGenerator(params["channels"], params["width"])
+    gnet = PatternGenerator(params["channels"], **net_arch(params))
     gnet.load_state_dict(params["generator"])
-    gnet = gnet.to(device).train()
-    mnet = MaskGenerator(params["channels"], params["width"])
+    gnet = gnet.to(device).train()  # as the original: BatchNorm on each batch's statistics while training
+    mnet = MaskGenerator(params["channels"], **net_arch(params))
     mnet.load_state_dict(params["mask"])
     mnet = mnet.to(device).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gnet.parameters(), lr=cfg["generator_lr"], betas=(0.5, 0.9))
     gen = engine.make_generator(cfg["random_seed"], device, "inputaware-batches")
     images = exp.train.images  # clean uint8, on the device (the static poison list is empty)
     pipe = exp.pipeline
-    scale = pipe.input_size / pipe.native_size
-    shift = int(round(cfg["random_crop"] * scale))
+    post = cfg.get("augment_order", "pre") == "post"
+    shift = int(round(cfg["random_crop"] * pipe.input_size / pipe.native_size))
     classes = exp.info.num_classes
 
     def loss_fn(net, x, y, idx):
-        raw = images[idx].float() / 255
+        # "pre": the pipeline's own crop/flip on the raw images, then the trigger (the original's
+        # loader transform); "post": the trigger on the raw image, then shift/rotation/flip
+        raw = (images[idx] if post else pipe.augment(images[idx], gen)).float() / 255
         n_bd, n_cross = batch_counts(len(y), cfg["pratio"], cfg["cross_ratio"])
         sources = partners(len(y), n_bd, n_cross, gen, device)
         with _fp32(), torch.autocast(device.type, enabled=False):
@@ -484,7 +536,7 @@ def inputaware_hooks(cfg: dict, model, exp) -> TrainingHooks:
             if pipe.input_size != inputs.shape[-1]:
                 inputs = F.interpolate(inputs, size=(pipe.input_size, pipe.input_size), mode="bilinear",
                                        align_corners=False)
-            if shift or cfg["random_rotation"] or exp.info.flip:
+            if post and (shift or cfg["random_rotation"] or exp.info.flip):
                 inputs = shift_rotate(inputs, shift, cfg["random_rotation"], exp.info.flip, gen)
         if pipe.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -494,13 +546,17 @@ def inputaware_hooks(cfg: dict, model, exp) -> TrainingHooks:
 
     def after_step():
         opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
+        # the original never clears G's gradient in this phase: every step adds to the sum so far
+        if cfg.get("generator_zero_grad", False):
+            opt_g.zero_grad(set_to_none=True)
 
     def trigger_params():
         return {"generator": plain_state(gnet.state_dict())}
 
-    return TrainingHooks(loss_fn, after_step, {"generator": gnet, "generator_optimizer": opt_g, "rng": _RngState(gen)},
-                         augment=False, trigger_params=trigger_params)
+    state = {"generator": gnet, "generator_optimizer": opt_g, "rng": _RngState(gen)}
+    if not cfg.get("generator_zero_grad", False):
+        state["generator_grad"] = _GradState(gnet)
+    return TrainingHooks(loss_fn, after_step, state, augment=False, trigger_params=trigger_params)
 
 
 register_attack(AttackSpec(
