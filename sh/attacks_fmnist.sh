@@ -26,8 +26,8 @@ JOBS=(
   "lc|lc|lc|--train_subset 0 --lc_steps 10 --surrogate_epochs 1"
   "ssba|ssba|ssba|"
   "lf|lf|lf|"
-  "inputaware|inputaware|inputaware|--mask_epochs 2 --random_rotation 0 --epochs 5"
-  "wanet|wanet|wanet|--post_augment false --epochs 5"
+  "inputaware|inputaware|inputaware|--bd_yaml_path config/attack/inputaware/fmnist_cpu.yaml --epochs 5"
+  "wanet|wanet|wanet|--bd_yaml_path config/attack/wanet/fmnist_cpu.yaml --epochs 5"
   "badnet_bypass|badnet_bypass|badnet_bypass|"
   "blended_bypass|blend_bypass|blended_bypass|"
 )
