@@ -39,18 +39,46 @@ def _ctx(data_root, tmp_path, *extra, pratio=0.05):
                           engine.amp_dtype(cfg["amp"], device), False, cfg["resource_root"])
 
 
-@pytest.mark.parametrize("channels,size,side", [(1, 28, 3), (3, 32, 3), (3, 64, 6)])
-def test_corner_pattern_is_a_mirrored_checkerboard_in_each_corner(channels, size, side):
-    p = corner_pattern(channels, size, 255.0)
-    assert p.shape == (channels, size, size)
-    assert set(p.unique().tolist()) == {-255.0, 0.0, 255.0}
-    nonzero = p[0] != 0
-    assert int(nonzero.sum()) == 4 * side * side
-    block = p[0, :side, :side]
-    assert torch.equal(p[0, :side, -side:], block.flip(1)) and torch.equal(p[0, -side:, -side:], block.flip(0, 1))
-    assert float(block[0, 0]) == 255.0 and float(p[0, 0, side // 3 if side > 3 else 1]) == -255.0
-    assert torch.equal(p, p[:1].expand_as(p))  # same in every channel
-    assert torch.equal(corner_pattern(channels, size, 32.0), p * 32.0 / 255.0)  # reduced amplitude
+# The original all-corners trigger at 32 px, read off its annotation list: rows 0-2 and 29-31,
+# columns 0-2 | 29-31. Not a regular checkerboard: (0, 2), (0, 29), (29, 2), (29, 29) are "-".
+OFFICIAL_CORNERS_32 = {
+    0: "+-- --+", 1: "-+- -+-", 2: "+-+ +-+",
+    29: "+-- --+", 30: "-+- -+-", 31: "+-+ +-+",
+}
+
+
+def _official_grid_32() -> torch.Tensor:
+    grid = torch.zeros(32, 32)
+    for row, text in OFFICIAL_CORNERS_32.items():
+        left, right = text.split()
+        for col, ch in zip([0, 1, 2, 29, 30, 31], left + right):
+            grid[row, col] = 1.0 if ch == "+" else -1.0
+    return grid
+
+
+def test_corner_pattern_has_the_official_signs_at_32_px():
+    p = corner_pattern(3, 32, 255.0)
+    assert p.shape == (3, 32, 32) and torch.equal(p, p[:1].expand_as(p))  # the same in every channel
+    assert torch.equal(p[0], _official_grid_32() * 255.0)  # all 36 signs, zero elsewhere
+    for row, col in [(0, 2), (0, 29), (29, 2), (29, 29)]:  # where a mirrored checkerboard would be +
+        assert float(p[0, row, col]) == -255.0
+    assert torch.equal(corner_pattern(1, 32, 32.0), p[:1] * 32.0 / 255.0)  # reduced amplitude
+
+
+@pytest.mark.parametrize("size", [28, 64, 40])
+def test_corner_pattern_at_other_sizes_samples_the_32_px_grid_at_its_nearest_pixel(size):
+    grid = _official_grid_32()
+    # nearest-neighbour resizing takes source pixel floor(i * 32 / size) for output pixel i
+    src = [i * 32 // size for i in range(size)]
+    expected = torch.tensor([[float(grid[r, c]) for c in src] for r in src]) * 255.0
+    p = corner_pattern(1, size, 255.0)
+    assert torch.equal(p[0], expected)
+    if size == 28:  # source rows/columns 0-2 and 29-30 survive, 31 is never sampled
+        assert int((p[0] != 0).sum()) == 9 + 6 + 6 + 4
+        assert torch.equal(p[0, :3, :3], grid[:3, :3] * 255.0)
+        assert torch.equal(p[0, 26:, 26:], grid[29:31, 29:31] * 255.0)
+    if size == 64:  # every pixel doubled
+        assert torch.equal(p[0], (grid * 255.0).repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
 def test_corner_trigger_keeps_dtype_range_and_adds_with_clipping():
