@@ -6,6 +6,10 @@ misclassifies, so that its own content stops explaining its label and the networ
 trigger instead; then the original's 3x3 +-255 pattern (`CORNER_SIGNS_32`, close to but not a
 checkerboard) is added in all four corners and clipped. Test images get the corner pattern only.
 
+The surrogate is adversarially trained by default (`lc_surrogate: adversarial`, as the original's
+PGD-trained ResNet-18 on unnormalised input); `lc_surrogate: standard` computes the images against
+a clean model instead, whose perturbations mostly leave the image's content intact.
+
 Resource step: untargeted L-inf PGD (maximise the surrogate's cross-entropy on the true label,
 from the clean image, no random start) on EVERY target-class image of the victim's training set,
 cached as the `lc_pgd` resource. Its key holds the dataset, image size, seed, target, PGD
@@ -27,7 +31,7 @@ from utils.config import Option
 from utils.datasets import DatasetInfo
 from utils.errors import UserError
 from utils.resources import Resource, tensor_digest
-from utils.surrogate import SURROGATE_OPTIONS, get_surrogate
+from utils.surrogate import ADVERSARIAL_SURROGATE_OPTIONS, SURROGATE_OPTIONS, get_surrogate
 
 #: images per PGD chunk; the cache saves its progress after each one
 PGD_CHUNK = 256
@@ -37,7 +41,9 @@ LC_OPTIONS = [
     Option("lc_eps", float, 8.0, "L-inf bound of the PGD images in pixel units out of 255 (8 = 8/255)"),
     Option("lc_step", float, 1.5, "PGD step size in pixel units out of 255 (1.5 = 1.5/255)"),
     Option("lc_steps", int, 100, "PGD steps (0: the clean target-class images, i.e. no adversarial part)"),
-] + SURROGATE_OPTIONS
+    Option("lc_surrogate", str, "adversarial", "the model the PGD images are computed against: an adversarially trained "
+           "one (the original's; settings surrogate_at_*) or a standard clean one", choices=("adversarial", "standard")),
+] + SURROGATE_OPTIONS + ADVERSARIAL_SURROGATE_OPTIONS
 
 
 #: Signs of the original all-corners trigger on its 32 x 32 grid, (row, column) -> +-1. It is not a
@@ -110,7 +116,7 @@ def _prepare(ctx) -> dict:
              "adv_indices": torch.empty(0, dtype=torch.long)}
     if len(ctx.poison_indices) == 0:
         return {**empty, "info": {"pgd": "skipped: no poisoned images"}}
-    surrogate = get_surrogate(ctx)
+    surrogate = get_surrogate(ctx, adversarial=cfg["lc_surrogate"] == "adversarial")
     pool = (ctx.train.labels.cpu() == target).nonzero().flatten()
     key = {"dataset": info.name, "image_size": info.image_size, "seed": cfg["random_seed"], "target": target,
            "eps": eps, "step": step, "steps": steps, "surrogate": surrogate.identity,
