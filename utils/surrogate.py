@@ -29,7 +29,6 @@ SURROGATE_OPTIONS = RESOURCE_OPTIONS + [
     Option("surrogate_record", str, "", "record folder whose model is the surrogate (empty: train a clean one)"),
     Option("surrogate_model", str, "", "architecture of the trained surrogate (empty: the victim's --model)"),
     Option("surrogate_epochs", int, 0, "training epochs of the surrogate (0: the victim's --epochs)"),
-
 ]
 
 # The original reads a ResNet-18 checkpoint it does not ship ("PGD best model"); the settings of
