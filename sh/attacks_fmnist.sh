@@ -23,7 +23,7 @@ JOBS=(
   "badnet|badnet|badnet|"
   "blended|blended|blended|"
   "sig|sig|sig|--train_subset 0"
-  "lc|lc|lc|--train_subset 0 --lc_steps 10 --surrogate_epochs 1"
+  "lc|lc|lc|--train_subset 0 --bd_yaml_path config/attack/lc/fmnist_cpu.yaml"
   "ssba|ssba|ssba|"
   "lf|lf|lf|"
   "inputaware|inputaware|inputaware|--bd_yaml_path config/attack/inputaware/fmnist_cpu.yaml --epochs 5"

@@ -1,5 +1,6 @@
-"""LC (label-consistent): corner trigger, PGD images against a surrogate, the `lc_pgd` cache, the
-index-aware training trigger, and an end-to-end run followed by fine-tuning."""
+"""LC (label-consistent): corner trigger, the adversarially trained (or standard) surrogate, PGD
+images against it, the `lc_pgd` cache, the index-aware training trigger, and an end-to-end run
+followed by fine-tuning."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO_ROOT, attack_argv, flip_middle_byte
 from utils import adversarial, engine, victim
@@ -18,16 +20,17 @@ from utils.lc import corner_pattern
 from utils.poison import choose_poison_indices, poison_train_set
 from utils.record import load_record
 from utils.resources import RESOURCE_FILE
-from utils.surrogate import get_surrogate
+from utils.surrogate import adversarial_training_loss, get_surrogate
 
 SPEC = get_attack("lc")
 
 
 def _ctx(data_root, tmp_path, *extra, pratio=0.05):
     """The PrepareContext `prepare_experiment` would hand LC for a tiny run (1-epoch surrogate at
-    lr 0.01, which learns the tiny sets; 3 PGD steps), with the resource cache under `tmp_path`."""
+    lr 0.01, which learns the tiny sets, adversarially trained with 3-step PGD by default; 3 PGD
+    steps for the images), with the resource cache under `tmp_path`."""
     argv = attack_argv(data_root, tmp_path, "--pratio", str(pratio), "--surrogate_epochs", "1", "--lc_steps", "3",
-                       "--lr", "0.01", "--resource_root", str(tmp_path / "res"), *extra)
+                       "--surrogate_at_steps", "3", "--lr", "0.01", "--resource_root", str(tmp_path / "res"), *extra)
     cfg = victim.parse_attack_config("lc", argv)
     info = victim.validate_config(cfg)
     train = load_dataset(info.name, cfg["dataset_path"], train=True)
@@ -39,18 +42,46 @@ def _ctx(data_root, tmp_path, *extra, pratio=0.05):
                           engine.amp_dtype(cfg["amp"], device), False, cfg["resource_root"])
 
 
-@pytest.mark.parametrize("channels,size,side", [(1, 28, 3), (3, 32, 3), (3, 64, 6)])
-def test_corner_pattern_is_a_mirrored_checkerboard_in_each_corner(channels, size, side):
-    p = corner_pattern(channels, size, 255.0)
-    assert p.shape == (channels, size, size)
-    assert set(p.unique().tolist()) == {-255.0, 0.0, 255.0}
-    nonzero = p[0] != 0
-    assert int(nonzero.sum()) == 4 * side * side
-    block = p[0, :side, :side]
-    assert torch.equal(p[0, :side, -side:], block.flip(1)) and torch.equal(p[0, -side:, -side:], block.flip(0, 1))
-    assert float(block[0, 0]) == 255.0 and float(p[0, 0, side // 3 if side > 3 else 1]) == -255.0
-    assert torch.equal(p, p[:1].expand_as(p))  # same in every channel
-    assert torch.equal(corner_pattern(channels, size, 32.0), p * 32.0 / 255.0)  # reduced amplitude
+# The original all-corners trigger at 32 px, read off its annotation list: rows 0-2 and 29-31,
+# columns 0-2 | 29-31. Not a regular checkerboard: (0, 2), (0, 29), (29, 2), (29, 29) are "-".
+OFFICIAL_CORNERS_32 = {
+    0: "+-- --+", 1: "-+- -+-", 2: "+-+ +-+",
+    29: "+-- --+", 30: "-+- -+-", 31: "+-+ +-+",
+}
+
+
+def _official_grid_32() -> torch.Tensor:
+    grid = torch.zeros(32, 32)
+    for row, text in OFFICIAL_CORNERS_32.items():
+        left, right = text.split()
+        for col, ch in zip([0, 1, 2, 29, 30, 31], left + right):
+            grid[row, col] = 1.0 if ch == "+" else -1.0
+    return grid
+
+
+def test_corner_pattern_has_the_official_signs_at_32_px():
+    p = corner_pattern(3, 32, 255.0)
+    assert p.shape == (3, 32, 32) and torch.equal(p, p[:1].expand_as(p))  # the same in every channel
+    assert torch.equal(p[0], _official_grid_32() * 255.0)  # all 36 signs, zero elsewhere
+    for row, col in [(0, 2), (0, 29), (29, 2), (29, 29)]:  # where a mirrored checkerboard would be +
+        assert float(p[0, row, col]) == -255.0
+    assert torch.equal(corner_pattern(1, 32, 32.0), p[:1] * 32.0 / 255.0)  # reduced amplitude
+
+
+@pytest.mark.parametrize("size", [28, 64, 40])
+def test_corner_pattern_at_other_sizes_samples_the_32_px_grid_at_its_nearest_pixel(size):
+    grid = _official_grid_32()
+    # nearest-neighbour resizing takes source pixel floor(i * 32 / size) for output pixel i
+    src = [i * 32 // size for i in range(size)]
+    expected = torch.tensor([[float(grid[r, c]) for c in src] for r in src]) * 255.0
+    p = corner_pattern(1, size, 255.0)
+    assert torch.equal(p[0], expected)
+    if size == 28:  # source rows/columns 0-2 and 29-30 survive, 31 is never sampled
+        assert int((p[0] != 0).sum()) == 9 + 6 + 6 + 4
+        assert torch.equal(p[0, :3, :3], grid[:3, :3] * 255.0)
+        assert torch.equal(p[0, 26:, 26:], grid[29:31, 29:31] * 255.0)
+    if size == 64:  # every pixel doubled
+        assert torch.equal(p[0], (grid * 255.0).repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
 def test_corner_trigger_keeps_dtype_range_and_adds_with_clipping():
@@ -166,12 +197,121 @@ def test_surrogate_record_is_used_and_must_match_the_dataset(badnet_record, tiny
         SPEC.prepare(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist", "--surrogate_record", str(badnet_record)))
 
 
+def test_lc_defaults_are_the_originals_adversarial_surrogate_and_pgd(tmp_path):
+    cfg = victim.parse_attack_config("lc", ["--yaml_path", "config/attack/prototype/cifar10.yaml"])
+    assert cfg["lc_surrogate"] == "adversarial"
+    assert (cfg["lc_eps"], cfg["lc_step"], cfg["lc_steps"]) == (8.0, 1.5, 100)
+    assert (cfg["surrogate_at_eps"], cfg["surrogate_at_step"], cfg["surrogate_at_steps"]) == (8.0, 2.0, 10)
+    assert cfg["surrogate_at_random_start"] is True and cfg["surrogate_train_size"] == 0
+    with pytest.raises(UserError, match="lc_surrogate"):
+        victim.parse_attack_config("lc", ["--lc_surrogate", "robust"])
+
+
+def _pgd_by_hand(model, x, y, eps, step, steps, start):
+    """Independent PGD for the checks below: mean loss (its gradient's sign is the summed one's)."""
+    xa = start.clone()
+    for _ in range(steps):
+        xa.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xa), y), xa)
+        xa = xa.detach() + step * g.sign()
+        xa = torch.min(torch.max(xa, x - eps), x + eps).clamp(0, 1)
+    return xa.detach()
+
+
+def test_adversarial_training_loss_is_the_loss_on_pgd_examples():
+    torch.manual_seed(0)
+    model = victim.build_model_for("smallcnn", _info(1, 28), 28).train()
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.arange(16) % 10
+    eps, step = 8 / 255, 2 / 255
+    clean = F.cross_entropy(model(x), y)
+    loss, logits = adversarial_training_loss(eps, step, 4, False)(model, x, y, torch.arange(16))
+    x_adv = _pgd_by_hand(model, x, y, eps, step, 4, x)
+    assert torch.allclose(loss, F.cross_entropy(model(x_adv), y), atol=1e-5)
+    assert torch.allclose(logits, model(x_adv), atol=1e-5)
+    assert loss.item() > clean.item() + 0.01  # skipping the attack would give the clean loss
+    assert torch.allclose(adversarial_training_loss(eps, step, 0, False)(model, x, y, None)[0], clean, atol=1e-6)
+    # random start: uniform in the eps-ball from the given generator, clipped to [0, 1]
+    loss_rs, _ = adversarial_training_loss(eps, step, 4, True, torch.Generator().manual_seed(5))(model, x, y, None)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    start = (x + (2 * noise - 1) * eps).clamp(0, 1)
+    assert torch.allclose(loss_rs, F.cross_entropy(model(_pgd_by_hand(model, x, y, eps, step, 4, start)), y), atol=1e-5)
+    assert not torch.allclose(loss_rs, loss)
+
+
+def test_adversarial_surrogate_attacks_every_training_batch_in_train_mode(tiny_fmnist, tmp_path, monkeypatch):
+    calls = []
+    real = adversarial.linf_pgd
+
+    def spy(forward, x0, labels, eps, step, steps, high, start=None):
+        if isinstance(forward, torch.nn.Module):  # training batches (the robust evaluation passes a closure)
+            calls.append((forward.training, len(labels), eps, step, steps, high, start is not None,
+                          float(x0.min()), float(x0.max())))
+        return real(forward, x0, labels, eps, step, steps, high, start)
+    monkeypatch.setattr(adversarial, "linf_pgd", spy)
+    ctx = _ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist", "--surrogate_epochs", "2", "--batch_size", "64")
+    sur = get_surrogate(ctx, adversarial=True)
+    batches = -(-len(ctx.train.labels) // 64)
+    assert len(calls) == 2 * batches  # every batch of every epoch
+    assert all(c[0] for c in calls)  # against the model in training mode
+    assert {c[2:7] for c in calls} == {(8 / 255, 2 / 255, 3, 1.0, True)}
+    assert min(c[7] for c in calls) >= 0.0 and max(c[8] for c in calls) <= 1.0  # unnormalised input
+    assert sur.identity["surrogate"] == "adversarial" and "adversarially trained" in sur.description
+    assert torch.equal(sur.pipeline.mean, torch.zeros_like(sur.pipeline.mean))
+    assert torch.equal(sur.pipeline.std, torch.ones_like(sur.pipeline.std))
+    # the images are crafted on [0, 1] input: surrogate_logits of pixels x is the model on x / 255
+    img = ctx.test.images[:4].float()
+    assert torch.allclose(adversarial.surrogate_logits(sur, img), sur.model(img / 255.0), atol=1e-5)
+
+
+def test_surrogate_cache_keys_separate_standard_and_adversarial(tiny_fmnist, tmp_path, capsys):
+    ctx = _ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist")
+    standard = get_surrogate(ctx)
+    adv = get_surrogate(ctx, adversarial=True)
+    assert "adversarial_training" not in standard.identity  # the standard key (and its caches) as before
+    assert adv.identity["adversarial_training"]["steps"] == 3 and adv.identity["weights"] != standard.identity["weights"]
+    assert len(list((tmp_path / "res" / "surrogate").iterdir())) == 2
+    capsys.readouterr()
+    again = get_surrogate(ctx, adversarial=True)
+    assert "surrogate: using the cache" in capsys.readouterr().out and again.identity == adv.identity
+    get_surrogate(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist", "--surrogate_at_steps", "2"), adversarial=True)
+    sub = get_surrogate(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist", "--surrogate_train_size", "50"),
+                        adversarial=True)
+    assert sub.identity["adversarial_training"]["train_images"] == 50 and "on 50 images" in sub.description
+    assert len(list((tmp_path / "res" / "surrogate").iterdir())) == 4
+    for flag, value in [("--surrogate_train_size", "-1"), ("--surrogate_at_steps", "-1"), ("--surrogate_at_eps", "300")]:
+        with pytest.raises(UserError, match=flag[2:]):
+            get_surrogate(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist", flag, value), adversarial=True)
+
+
+def test_lc_images_come_from_the_chosen_surrogate_and_a_cache_hit_reproduces_them(tiny_fmnist, tmp_path, capsys):
+    adv = SPEC.prepare(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist"))
+    assert "adversarially trained" in adv["info"]["surrogate"]
+    standard = SPEC.prepare(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist", "--lc_surrogate", "standard"))
+    assert "clean smallcnn" in standard["info"]["surrogate"]
+    assert torch.equal(adv["adv_indices"], standard["adv_indices"]) and not torch.equal(adv["adv_images"],
+                                                                                          standard["adv_images"])
+    assert len(list((tmp_path / "res" / "lc_pgd").iterdir())) == 2
+    capsys.readouterr()
+    again = SPEC.prepare(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist"))
+    out = capsys.readouterr().out
+    assert "surrogate: using the cache" in out and "lc_pgd: using the cache" in out and "building" not in out
+    assert torch.equal(again["adv_images"], adv["adv_images"])
+    # without the PGD cache, the cached surrogate gives the same images again
+    adv_folder = next(f for f in (tmp_path / "res" / "lc_pgd").iterdir()
+                      if json.loads((f / "meta.json").read_text())["key"]["surrogate"]["surrogate"] == "adversarial")
+    (adv_folder / RESOURCE_FILE).unlink()
+    rebuilt = SPEC.prepare(_ctx(tiny_fmnist, tmp_path, "--dataset", "fmnist"))
+    assert "lc_pgd: building" in capsys.readouterr().out
+    assert torch.equal(rebuilt["adv_images"], adv["adv_images"])
+
+
 def test_lc_runs_end_to_end_and_fine_tunes(tiny_cifar10, tmp_path):
     argv = attack_argv(tiny_cifar10, tmp_path, "--pratio", "0.05", "--surrogate_epochs", "1", "--lc_steps", "3",
-                       "--resource_root", str(tmp_path / "res"))
+                       "--surrogate_at_steps", "2", "--resource_root", str(tmp_path / "res"))
     run = subprocess.run([sys.executable, "attack/lc.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "lc_pgd: building" in run.stdout
+    assert "lc_pgd: building" in run.stdout and "adversarial surrogate epoch 1" in run.stdout
     folder = next(tmp_path.glob("cifar10/lc/*/"))
     record = load_record(folder)
     assert record["attack"] == "lc" and record["clean_label"]

@@ -24,6 +24,23 @@ def surrogate_logits(surrogate, x: torch.Tensor, amp: torch.dtype | None = None)
     return logits.float()
 
 
+def linf_pgd(forward, x0: torch.Tensor, labels: torch.Tensor, eps: float, step: float, steps: int, high: float,
+             start: torch.Tensor | None = None) -> torch.Tensor:
+    """Untargeted L-inf PGD: `steps` signed-gradient ascent steps on the cross-entropy of
+    `forward(x)` on `labels`, each projected onto the eps-ball around `x0` and onto [0, high]. It
+    starts at `start` (a random point of the ball) or at `x0`. Float in, float out, detached."""
+    x = (x0 if start is None else start).detach().clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        # summed, so that each image's gradient does not depend on the batch it is computed in
+        loss = F.cross_entropy(forward(x).float(), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            x = x.detach() + step * grad.sign()
+            x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp_(0, high)
+    return x.detach()
+
+
 def pgd_untargeted(surrogate, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float, steps: int,
                    amp: torch.dtype | None = None) -> torch.Tensor:
     """L-inf PGD that maximises the surrogate's cross-entropy on the true labels, started at the
@@ -31,18 +48,9 @@ def pgd_untargeted(surrogate, images: torch.Tensor, labels: torch.Tensor, eps: f
     are in pixel units. Returns uint8 images within `floor(eps)` of the originals: the rounding back
     to integers never leaves the eps-ball."""
     x0 = images.float()
-    x = x0.clone()
-    labels = labels.to(images.device)
-    for _ in range(steps):
-        x.requires_grad_(True)
-        # summed, so that each image's gradient does not depend on the batch it is computed in
-        loss = F.cross_entropy(surrogate_logits(surrogate, x, amp), labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-        with torch.no_grad():
-            x = x.detach() + step * grad.sign()
-            x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp_(0, 255)
+    x = linf_pgd(lambda z: surrogate_logits(surrogate, z, amp), x0, labels.to(images.device), eps, step, steps, 255.0)
     bound = math.floor(eps)
-    out = x.detach().round()
+    out = x.round()
     out = torch.minimum(torch.maximum(out, x0 - bound), x0 + bound).clamp_(0, 255)
     return out.to(torch.uint8)
 

@@ -3,8 +3,12 @@
 Poisoned images are chosen from the target class only and keep their label. Each is first replaced
 by an adversarial version that a separately trained model (the surrogate, `utils.surrogate`)
 misclassifies, so that its own content stops explaining its label and the network leans on the
-trigger instead; then a 3x3 +-255 checkerboard is added in all four corners and clipped. Test
-images get the corner pattern only.
+trigger instead; then the original's 3x3 +-255 pattern (`CORNER_SIGNS_32`, close to but not a
+checkerboard) is added in all four corners and clipped. Test images get the corner pattern only.
+
+The surrogate is adversarially trained by default (`lc_surrogate: adversarial`, as the original's
+PGD-trained ResNet-18 on unnormalised input); `lc_surrogate: standard` computes the images against
+a clean model instead, whose perturbations mostly leave the image's content intact.
 
 Resource step: untargeted L-inf PGD (maximise the surrogate's cross-entropy on the true label,
 from the clean image, no random start) on EVERY target-class image of the victim's training set,
@@ -18,6 +22,7 @@ Units: `lc_eps` and `lc_step` are in pixel units out of 255 (8 means 8/255).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import adversarial, triggers
@@ -26,7 +31,7 @@ from utils.config import Option
 from utils.datasets import DatasetInfo
 from utils.errors import UserError
 from utils.resources import Resource, precision_key, tensor_digest
-from utils.surrogate import SURROGATE_OPTIONS, get_surrogate
+from utils.surrogate import ADVERSARIAL_SURROGATE_OPTIONS, SURROGATE_OPTIONS, get_surrogate
 
 #: images per PGD chunk; the cache saves its progress after each one
 PGD_CHUNK = 256
@@ -36,26 +41,35 @@ LC_OPTIONS = [
     Option("lc_eps", float, 8.0, "L-inf bound of the PGD images in pixel units out of 255 (8 = 8/255)"),
     Option("lc_step", float, 1.5, "PGD step size in pixel units out of 255 (1.5 = 1.5/255)"),
     Option("lc_steps", int, 100, "PGD steps (0: the clean target-class images, i.e. no adversarial part)"),
-] + SURROGATE_OPTIONS
+    Option("lc_surrogate", str, "adversarial", "the model the PGD images are computed against: an adversarially trained "
+           "one (the original's; settings surrogate_at_*) or a standard clean one", choices=("adversarial", "standard")),
+] + SURROGATE_OPTIONS + ADVERSARIAL_SURROGATE_OPTIONS
 
 
-def corner_pattern(channels: int, size: int, amplitude: float, cells: int = 3) -> torch.Tensor:
-    """Float (C, H, W): a `cells` x `cells` checkerboard of +-amplitude (at 32 px, scaled with the
-    image size without blurring, as BadNet's trigger) in each of the four corners, mirrored so the
-    outermost pixel of every corner is +amplitude; zero elsewhere."""
-    ii, jj = torch.meshgrid(torch.arange(cells), torch.arange(cells), indexing="ij")
-    board = torch.where((ii + jj) % 2 == 0, 1.0, -1.0)
-    side = max(cells, round(cells * size / 32))
-    if 2 * side > size:
-        raise UserError(f"the LC corner trigger ({side} px per corner) does not fit {size} px images")
-    rep = torch.arange(side) * cells // side
-    block = board[rep][:, rep] * amplitude
-    pattern = torch.zeros(channels, size, size)
-    pattern[:, :side, :side] = block
-    pattern[:, :side, size - side:] = block.flip(1)
-    pattern[:, size - side:, :side] = block.flip(0)
-    pattern[:, size - side:, size - side:] = block.flip(0, 1)
-    return pattern
+#: Signs of the original all-corners trigger on its 32 x 32 grid, (row, column) -> +-1. It is not a
+#: mirrored checkerboard: the pixels (0, 2), (0, 29), (29, 2) and (29, 29) are -1, and the bottom-left
+#: block repeats the top-left one instead of mirroring it.
+CORNER_SIGNS_32 = {
+    (0, 0): 1, (0, 1): -1, (0, 2): -1, (1, 0): -1, (1, 1): 1, (1, 2): -1, (2, 0): 1, (2, 1): -1, (2, 2): 1,
+    (29, 0): 1, (29, 1): -1, (29, 2): -1, (30, 0): -1, (30, 1): 1, (30, 2): -1, (31, 0): 1, (31, 1): -1, (31, 2): 1,
+    (0, 29): -1, (0, 30): -1, (0, 31): 1, (1, 29): -1, (1, 30): 1, (1, 31): -1, (2, 29): 1, (2, 30): -1, (2, 31): 1,
+    (29, 29): -1, (29, 30): -1, (29, 31): 1, (30, 29): -1, (30, 30): 1, (30, 31): -1, (31, 29): 1, (31, 30): -1,
+    (31, 31): 1,
+}
+
+
+def corner_pattern(channels: int, size: int, amplitude: float) -> torch.Tensor:
+    """Float (C, H, W): the original's +-amplitude corner pattern (`CORNER_SIGNS_32`), zero elsewhere.
+    Other image sizes get the 32 px grid resized with nearest-neighbour sampling, as the original
+    does: 64 px doubles every pixel, while at 28 px the samples fall on source rows and columns
+    0-2 and 29-30, so the top-left block stays 3 x 3 and the blocks on the bottom and right edges
+    lose their outermost row or column."""
+    grid = torch.zeros(32, 32)
+    for (row, col), sign in CORNER_SIGNS_32.items():
+        grid[row, col] = sign
+    if size != 32:
+        grid = F.interpolate(grid[None, None], size=(size, size), mode="nearest")[0, 0]
+    return (grid * amplitude).expand(channels, size, size).clone()
 
 
 def _check(cfg: dict) -> None:
@@ -102,7 +116,7 @@ def _prepare(ctx) -> dict:
              "adv_indices": torch.empty(0, dtype=torch.long)}
     if len(ctx.poison_indices) == 0:
         return {**empty, "info": {"pgd": "skipped: no poisoned images"}}
-    surrogate = get_surrogate(ctx)
+    surrogate = get_surrogate(ctx, adversarial=cfg["lc_surrogate"] == "adversarial")
     pool = (ctx.train.labels.cpu() == target).nonzero().flatten()
     key = {"dataset": info.name, "image_size": info.image_size, "seed": cfg["random_seed"], "target": target,
            "eps": eps, "step": step, "steps": steps, "surrogate": surrogate.identity,
@@ -154,5 +168,5 @@ LC = register_attack(AttackSpec(
     name="lc", options=LC_OPTIONS, build=_build, apply=_apply, clean_label=True, prepare=_prepare,
     train_apply=_train_apply,
     description="clean-label: target-class images replaced by PGD images against a surrogate, "
-                "+-255 checkerboards in the four corners",
+                "+-255 3x3 patterns in the four corners",
 ))
