@@ -65,6 +65,7 @@ def _resource_ctx(amp):
     labels = torch.arange(20) % 10
     data = ImageSet(torch.zeros(20, 1, 28, 28, dtype=torch.uint8), labels)
     cfg = {"attack_target": 0, "random_seed": 0, "lc_eps": 8.0, "lc_step": 1.5, "lc_steps": 2,
+           "lc_surrogate": "standard",
            "lf_eps": 8.0, "lf_cutoff": 0.25, "lf_steps": 2, "lf_step": 1.0, "lf_batch_size": 8,
            "surrogate_record": "", "surrogate_model": "smallcnn", "surrogate_epochs": 1, "model": "smallcnn",
            "epochs": 1, "lr": 0.05, "batch_size": 8, "sgd_momentum": 0.9, "wd": 5e-4, "lr_scheduler": "cosine",
@@ -86,7 +87,7 @@ def test_resources_made_in_low_precision_are_not_reused_at_full_precision(monkey
     else:
         module = lc if kind == "lc_pgd" else lf
         _catch_key(monkeypatch, module, keys)
-        monkeypatch.setattr(module, "get_surrogate", lambda ctx: SimpleNamespace(identity={"surrogate": "stub"}))
+        monkeypatch.setattr(module, "get_surrogate", lambda ctx, adversarial=False: SimpleNamespace(identity={"surrogate": "stub"}))
         run = module._prepare
     for amp in (None, torch.bfloat16):
         with pytest.raises(_KeyCaught):
