@@ -239,7 +239,8 @@ def test_ft_poison_cli_end_to_end(purified):
     assert (folder / "defense" / "fst" / "retune" / "result.json").read_bytes() == stamp
     # the robustness table reads these results; what is missing shows as "-"
     table = robustness_table.main([str(root), "--dataset", "cifar10", "--model", "smallcnn", "--attacks", "badnet"])
-    body, notes = table.split("\n\n")
+    title, body, notes = table.split("\n\n")
+    assert title == "**badnet** (cifar10/smallcnn, pratio 0.1)"
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body.splitlines()[2:]}
     # the table reads the untagged results: FST and no defense, both retuned on the shared set
     assert notes == "RA set (badnet): shared split 0.02 seed 42 (6 images), 5 poisoned, every row"
