@@ -14,6 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from utils import engine
+from utils.errors import UserError
+
+
+def check_pgd_settings(prefix: str, eps: float, step: float, steps: int) -> None:
+    """User errors for a PGD given in pixel units: `<prefix>_eps` in [0, 255], `<prefix>_steps` >= 0,
+    `<prefix>_step` > 0 when there are steps."""
+    if not 0.0 <= eps <= 255.0:
+        raise UserError(f"{prefix}_eps is in pixel units and must be within [0, 255], got {eps}")
+    if steps < 0:
+        raise UserError(f"{prefix}_steps must be 0 or positive, got {steps}")
+    if steps > 0 and step <= 0:
+        raise UserError(f"{prefix}_step must be positive, got {step}")
 
 
 def surrogate_logits(surrogate, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:

@@ -75,12 +75,7 @@ def corner_pattern(channels: int, size: int, amplitude: float) -> torch.Tensor:
 def _check(cfg: dict) -> None:
     if not 0.0 < cfg["reduced_amplitude"] <= 1.0:
         raise UserError(f"reduced_amplitude must be within (0, 1], got {cfg['reduced_amplitude']}")
-    if not 0.0 <= cfg["lc_eps"] <= 255.0:
-        raise UserError(f"lc_eps is in pixel units and must be within [0, 255], got {cfg['lc_eps']}")
-    if cfg["lc_steps"] < 0:
-        raise UserError(f"lc_steps must be 0 or positive, got {cfg['lc_steps']}")
-    if cfg["lc_steps"] > 0 and cfg["lc_step"] <= 0:
-        raise UserError(f"lc_step must be positive, got {cfg['lc_step']}")
+    adversarial.check_pgd_settings("lc", cfg["lc_eps"], cfg["lc_step"], cfg["lc_steps"])
 
 
 def _build(cfg: dict, info: DatasetInfo) -> dict:

@@ -70,12 +70,7 @@ def get_surrogate(ctx, adversarial: bool = False) -> Surrogate:
 def _at_settings(cfg: dict) -> dict[str, Any]:
     at = {"eps": float(cfg["surrogate_at_eps"]), "step": float(cfg["surrogate_at_step"]),
           "steps": int(cfg["surrogate_at_steps"]), "random_start": bool(cfg["surrogate_at_random_start"])}
-    if not 0.0 <= at["eps"] <= 255.0:
-        raise UserError(f"surrogate_at_eps is in pixel units and must be within [0, 255], got {at['eps']}")
-    if at["steps"] < 0:
-        raise UserError(f"surrogate_at_steps must be 0 or positive, got {at['steps']}")
-    if at["steps"] > 0 and at["step"] <= 0:
-        raise UserError(f"surrogate_at_step must be positive, got {at['step']}")
+    adversarial.check_pgd_settings("surrogate_at", at["eps"], at["step"], at["steps"])
     if cfg["surrogate_train_size"] < 0:
         raise UserError(f"surrogate_train_size must be 0 or positive, got {cfg['surrogate_train_size']}")
     return at
