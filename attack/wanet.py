@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python attack/x.py` find the package
 
 from utils.errors import run_cli  # noqa: E402
-from utils.victim import run_attack  # noqa: E402
+from utils.victim.train import run_attack  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(lambda: run_attack("wanet"))

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lets `python fine_tune/qra.py` find the package
 
 from utils.errors import run_cli  # noqa: E402
-from utils.qra import main  # noqa: E402
+from utils.robustness.qra import main  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(main)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import BackdoorNet, register_model
+from models.registry import BackdoorNet, register_model
 
 
 class BasicBlock(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import BackdoorNet, register_model
+from models.registry import BackdoorNet, register_model
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import BackdoorNet, register_model
+from models.registry import BackdoorNet, register_model
 from utils.compat import import_torchvision
 from utils.errors import UserError
 

@@ -62,7 +62,7 @@ if [ ! -f "$FMNIST_SYS/train-images-idx3-ubyte.gz" ] && [ ! -d "$ROOT/data/fmnis
   if [ ! -f "$FMNIST_SYS/train-images-idx3-ubyte.gz" ]; then
     echo "[install] downloading Fashion-MNIST with torchvision into data/fmnist"
     (cd "$ROOT" && "$PY" -c "
-from utils.datasets import load_dataset
+from utils.data.datasets import load_dataset
 load_dataset('fmnist', 'data', train=True, download=True)
 load_dataset('fmnist', 'data', train=False, download=True)") || echo "[install] Fashion-MNIST download failed; see README (Datasets)"
   fi

@@ -125,7 +125,7 @@ def attack_argv(data_root: Path, record_root: Path, *extra: str) -> list[str]:
 def badnet_record(tiny_cifar10, tmp_path_factory) -> Path:
     """The record folder of one BadNet run on the tiny CIFAR-10 (run once per session). Treat it as
     read-only: tests that write into a record work on a copy (`copy_record`)."""
-    from utils.victim import run_attack
+    from utils.victim.train import run_attack
 
     root = tmp_path_factory.mktemp("session-record")
     folder = run_attack("badnet", attack_argv(tiny_cifar10, root))

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from conftest import REPO_ROOT, attack_argv
 from models import build_model, get_head
-from utils import triggers
-from utils.attacks import ATTACKS, get_attack
-from utils.bypass import bypass_hooks
+from utils.attacks import triggers
+from utils.attacks.registry import ATTACKS, get_attack
+from utils.attacks.bypass import bypass_hooks
 from utils.errors import UserError
-from utils.poison import choose_poison_indices, poison_train_set
+from utils.attacks.poison import choose_poison_indices, poison_train_set
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 64)])
@@ -61,7 +61,7 @@ def test_sig_target_class_too_small_is_a_clear_error():
 
 
 def _info(channels, size):
-    from utils.datasets import DatasetInfo
+    from utils.data.datasets import DatasetInfo
     return DatasetInfo("x", 10, channels, size, (0.5,) * channels, (0.5,) * channels, False)
 
 

@@ -1,4 +1,4 @@
-"""Tests for utils.bti (BTI-DBF trigger inversion as the official PAM code runs it): the UNet's
+"""Tests for utils.defenses.bti (BTI-DBF trigger inversion as the official PAM code runs it): the UNet's
 design, the pre-training and generator objectives against independent re-computations of the
 official formulas, the feature-map mask, round handling (generator every round or first only,
 target CE from round 2), that the model under test is left as it was, determinism, and target
@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from utils import bti, engine
-from utils.datasets import dataset_info
+from utils.defenses import bti
+from utils import engine
+from utils.data.datasets import dataset_info
 from utils.errors import UserError
 
 NUM_CLASSES = 10
@@ -254,8 +255,8 @@ def test_inversion_on_a_badnet_record(badnet_record, tiny_cifar10):
     class for almost every clean input) and a one-epoch UNet is far from the identity, so this checks
     the plumbing on a real record (grey or colour sizes, a real pipeline), not the quality of the
     inversion, which the Fashion-MNIST measurement in docs/ reports."""
-    from utils.record import load_record, load_state_dict_checked
-    from utils.victim import build_model_for, rebuild_experiment
+    from utils.record.store import load_record, load_state_dict_checked
+    from utils.victim.experiment import build_model_for, rebuild_experiment
 
     record = load_record(badnet_record)
     device = torch.device("cpu")

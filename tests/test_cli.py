@@ -21,7 +21,7 @@ import yaml
 
 import models
 from conftest import RECORD_REL, REPO_ROOT, copy_record
-from utils.purify import MODES, der
+from utils.defenses.purify import MODES, der
 
 ATTACK = "attack/badnet.py"
 FT = "fine_tune/ft.py"
@@ -201,8 +201,8 @@ def test_every_error_case_is_checked(error_cases):
 
 def test_unknown_yaml_key_lists_every_valid_key(error_cases):
     line = assert_user_error(error_cases["attack-unknown-yaml-key"].proc)
-    from utils.attacks import get_attack
-    from utils.victim import attack_options
+    from utils.attacks.registry import get_attack
+    from utils.victim.experiment import attack_options
     for option in attack_options(get_attack("badnet")):
         if option.yaml:
             assert option.name in line

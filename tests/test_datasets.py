@@ -1,4 +1,4 @@
-"""Tests for utils.datasets: every loader is fed tiny files written in the real on-disk formats."""
+"""Tests for utils.data.datasets: every loader is fed tiny files written in the real on-disk formats."""
 from __future__ import annotations
 
 import gzip
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import datasets
-from utils.datasets import DATASETS, ImageSet, dataset_info, load_dataset
-from utils.engine import Pipeline
+from utils.data import datasets
+from utils.data.datasets import DATASETS, ImageSet, dataset_info, load_dataset
+from utils.engine.pipeline import Pipeline
 from utils.errors import UserError
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import attack_argv
-from utils.finetune import main as ft_main
-from utils.record import load_record
-from utils.victim import rebuild_experiment, run_attack
+from utils.commands.finetune import main as ft_main
+from utils.record.store import load_record
+from utils.victim.experiment import rebuild_experiment
+from utils.victim.train import run_attack
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import engine
-from utils.datasets import DatasetInfo
-from utils.engine import (Pipeline, backdoor_metrics, derive_seed, make_generator, predict,
-                          resolve_device, train_epoch)
+from utils.engine import runtime
+from utils.data.datasets import DatasetInfo
+from utils.engine.pipeline import Pipeline
+from utils.engine.evaluate import backdoor_metrics, predict
+from utils.engine.runtime import derive_seed, make_generator, resolve_device
+from utils.engine.loop import train_epoch
 from utils.errors import UserError
 
 PAD = 4
@@ -160,7 +162,7 @@ def test_derive_seed_is_the_same_in_another_process():
 
 def test_cuda_without_cuda_falls_back_to_cpu_and_warns_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_warned_cpu_fallback", False)
+    monkeypatch.setattr(runtime, "_warned_cpu_fallback", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_device("cuda:0") == torch.device("cpu")
@@ -173,7 +175,7 @@ def test_cuda_without_cuda_falls_back_to_cpu_and_warns_once(monkeypatch):
 
 def test_cuda_fallback_warning_with_pytest_warns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_warned_cpu_fallback", False)
+    monkeypatch.setattr(runtime, "_warned_cpu_fallback", False)
     with pytest.warns(UserWarning, match="CUDA is not available"):
         dev = resolve_device("cuda:0")
     assert dev.type == "cpu"

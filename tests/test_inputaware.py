@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from utils import engine, inputaware as ia
-from utils.attacks import get_attack
-from utils.datasets import dataset_info
+from utils import engine
+from utils.attacks import inputaware as ia
+from utils.attacks.registry import get_attack
+from utils.data.datasets import dataset_info
 from utils.errors import UserError
 
 
@@ -183,8 +184,8 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_end_to_end_record_rebuild_and_fine_tune(tiny_fmnist, tmp_path):
-    from utils.record import load_torch_file
-    from utils.victim import Experiment, evaluate_experiment, rebuild_experiment
+    from utils.record.store import load_torch_file
+    from utils.victim.experiment import Experiment, evaluate_experiment, rebuild_experiment
     import models
 
     resources = tmp_path / "res"
@@ -392,7 +393,7 @@ def test_generator_gradient_accumulates_as_in_the_original_unless_cleared():
 
 
 def test_default_config_is_the_originals_classifier_schedule():
-    from utils.victim import parse_attack_config
+    from utils.victim.experiment import parse_attack_config
 
     for proto in ("cifar10", "fmnist"):
         cfg = parse_attack_config("inputaware", ["--yaml_path", f"config/attack/prototype/{proto}.yaml"])
@@ -404,7 +405,7 @@ def test_default_config_is_the_originals_classifier_schedule():
 
 
 def test_cpu_recipe_loads_and_differs_from_the_default_only_where_documented():
-    from utils.victim import parse_attack_config
+    from utils.victim.experiment import parse_attack_config
 
     base = ["--yaml_path", "config/attack/prototype/fmnist.yaml"]
     default = parse_attack_config("inputaware", base)

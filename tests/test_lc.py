@@ -12,15 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, attack_argv, flip_middle_byte
-from utils import adversarial, engine, victim
-from utils.attacks import PrepareContext, get_attack
-from utils.datasets import load_dataset
+from utils.attacks import adversarial
+from utils import engine
+from utils.victim import experiment as victim
+from utils.attacks.registry import PrepareContext, get_attack
+from utils.data.datasets import load_dataset
 from utils.errors import UserError
-from utils.lc import corner_pattern
-from utils.poison import choose_poison_indices, poison_train_set
-from utils.record import load_record
-from utils.resources import RESOURCE_FILE
-from utils.surrogate import adversarial_training_loss, get_surrogate
+from utils.attacks.lc import corner_pattern
+from utils.attacks.poison import choose_poison_indices, poison_train_set
+from utils.record.store import load_record
+from utils.record.resources import RESOURCE_FILE
+from utils.attacks.surrogate import adversarial_training_loss, get_surrogate
 
 SPEC = get_attack("lc")
 
@@ -331,5 +333,5 @@ def test_lc_runs_end_to_end_and_fine_tunes(tiny_cifar10, tmp_path):
 
 
 def _info(channels, size):
-    from utils.datasets import DatasetInfo
+    from utils.data.datasets import DatasetInfo
     return DatasetInfo("x", 10, channels, size, (0.5,) * channels, (0.5,) * channels, False)

@@ -11,15 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, attack_argv, flip_middle_byte
-from utils import adversarial, engine, victim
-from utils.attacks import PrepareContext, get_attack
-from utils.datasets import load_dataset
+from utils.attacks import adversarial
+from utils import engine
+from utils.victim import experiment as victim
+from utils.attacks.registry import PrepareContext, get_attack
+from utils.data.datasets import load_dataset
 from utils.errors import UserError
-from utils.lf import optimise_pattern
-from utils.poison import choose_poison_indices, poison_train_set
-from utils.record import load_record
-from utils.resources import RESOURCE_FILE
-from utils.surrogate import get_surrogate
+from utils.attacks.lf import optimise_pattern
+from utils.attacks.poison import choose_poison_indices, poison_train_set
+from utils.record.store import load_record
+from utils.record.resources import RESOURCE_FILE
+from utils.attacks.surrogate import get_surrogate
 
 SPEC = get_attack("lf")
 OPTS = {"lf_eps": 10.0, "lf_cutoff": 0.15, "lf_steps": 5, "lf_step": 1.0, "lf_batch_size": 32}
@@ -103,7 +105,7 @@ def test_pattern_is_low_frequency_bounded_seeded_resumable_and_pushes_to_the_tar
         return optimise_pattern(surrogate, others, 0, eps=12.0, cutoff=0.15, steps=steps, step=4.0, batch_size=32,
                                 gen=gen, device=torch.device("cpu"), progress=progress)
 
-    monkeypatch.setattr("utils.lf.SAVE_EVERY", 3)
+    monkeypatch.setattr("utils.attacks.lf.SAVE_EVERY", 3)
     saves = _Saves()
     pattern = run(saves)
     assert pattern.shape == (1, 28, 28)

@@ -1,4 +1,4 @@
-"""utils/tsne.py (our own exact t-SNE) and utils/plots.py (pratio sweeps, training curves, feature
+"""utils/analysis/tsne.py (our own exact t-SNE) and utils/analysis/plots.py (pratio sweeps, training curves, feature
 t-SNE): figures are checked to open, have a sensible size and not be blank; the numbers behind them
 (replicate means, the separation score, the evaluated epochs) are checked directly."""
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.conftest import copy_record
-from utils import plots
+from utils.analysis import plots
 from utils.errors import UserError
-from utils.record import clean_state_dict, load_record, save_torch
-from utils.tsne import knn_separation, knn_vote, tsne
+from utils.record.store import clean_state_dict, load_record, save_torch
+from utils.analysis.tsne import knn_separation, knn_vote, tsne
 
 PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")

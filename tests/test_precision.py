@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from utils import lc, lf, surrogate
-from utils.datasets import ImageSet, dataset_info
+from utils.attacks import lc, lf, surrogate
+from utils.data.datasets import ImageSet, dataset_info
 
 
 def _calls(tmp_path: Path, env_extra: dict[str, str]) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""Tests for utils.purify: the defining property of every mode on every registered model, the
+"""Tests for utils.defenses.purify: the defining property of every mode on every registered model, the
 head-norm projection, the FST loss term, the tuning split and DER.
 
 Every model x every mode runs one SGD step on four random uint8 images with a tiny learning rate,
@@ -18,7 +18,7 @@ import models
 from models import get_head
 from utils import engine
 from utils.errors import UserError
-from utils.purify import MODES, PurifySettings, der, get_mode, purify, reinit_linear, tuning_indices
+from utils.defenses.purify import MODES, PurifySettings, der, get_mode, purify, reinit_linear, tuning_indices
 
 BIG_MODELS = {"vgg19_bn", "swin_t"}
 NUM_CLASSES = 10

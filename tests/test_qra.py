@@ -15,11 +15,11 @@ from torch import nn
 from tests.conftest import RECORD_REL, copy_record
 from utils import engine
 from utils.errors import UserError, run_cli
-from utils.datasets import ImageSet
-from utils.poison import BackdoorTestSet, PoisonedTrainSet
-from utils.qra import (AttackSamples, FrozenModel, PerturbationGenerator, QRASettings, build_parser, draw_samples, evaluate,
-                       main, train_generator)
-from utils.record import clean_state_dict, load_record, save_torch
+from utils.data.datasets import ImageSet
+from utils.attacks.poison import BackdoorTestSet, PoisonedTrainSet
+from utils.robustness.qra import (AttackSamples, FrozenModel, PerturbationGenerator, QRASettings, build_parser,
+                                  draw_samples, evaluate, main, train_generator)
+from utils.record.store import clean_state_dict, load_record, save_torch
 
 EPS = 16 / 255
 CLEAN_REL = RECORD_REL.parent / "pratio_0.0-target_0-archi_smallcnn"

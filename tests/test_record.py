@@ -1,4 +1,4 @@
-"""Tests for utils.record: record paths (REFERENCE §7), atomic writes, safe loading, staged folders."""
+"""Tests for utils.record: record paths (docs/protocol.md §7), atomic writes, safe loading, staged folders."""
 from __future__ import annotations
 
 import csv
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.record import (FORMAT, FORMAT_VERSION, RECORD_FILE, REQUIRED_KEYS, StagedFolder, clean_state_dict,
-                          existing_records, find_record, format_pratio, load_record, load_state_dict_checked,
-                          load_torch_file, record_name, record_path, save_torch, write_csv, write_json)
+from utils.record.layout import (FORMAT, FORMAT_VERSION, RECORD_FILE, existing_records, find_record, format_pratio,
+                                 record_name, record_path)
+from utils.record.store import (REQUIRED_KEYS, StagedFolder, clean_state_dict, load_record, load_state_dict_checked,
+                                load_torch_file, save_torch, write_csv, write_json)
 
 
 class Arbitrary:
@@ -311,7 +312,7 @@ def test_staged_folder_abort_removes_the_folders_it_made(tmp_path):
 
 
 def test_portable_path_never_absolute(tmp_path):
-    from utils.record import portable_path
+    from utils.record.store import portable_path
     assert portable_path("data") == "data"
     assert portable_path(str(tmp_path / "tiny-data")) == "tiny-data"
     assert not portable_path(str(Path(__file__).resolve())).startswith("/")
@@ -320,7 +321,7 @@ def test_portable_path_never_absolute(tmp_path):
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     """Not mkstemp's owner-only 0600: records are shared (cluster groups, docs figures)."""
     import os
-    from utils.record import write_text
+    from utils.record.store import write_text
     mask = os.umask(0)
     os.umask(mask)
     write_text(tmp_path / "a.txt", "x")

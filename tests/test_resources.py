@@ -9,9 +9,9 @@ import torch
 
 from conftest import flip_middle_byte
 from utils import engine
-from utils.datasets import ImageSet, dataset_info
-from utils.resources import META_FILE, PARTIAL_FILE, RESOURCE_FILE, Resource, state_digest, tensor_digest
-from utils.surrogate import get_surrogate
+from utils.data.datasets import ImageSet, dataset_info
+from utils.record.resources import META_FILE, PARTIAL_FILE, RESOURCE_FILE, Resource, state_digest, tensor_digest
+from utils.attacks.surrogate import get_surrogate
 
 KEY = {"dataset": "fmnist", "image_size": 28, "seed": 0, "steps": 3}
 

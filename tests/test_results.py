@@ -1,4 +1,4 @@
-"""utils/results.py on fabricated record trees: collection, warnings, summaries, filters, tables, CSV, CLI."""
+"""utils/analysis/results.py on fabricated record trees: collection, warnings, summaries, filters, tables, CSV, CLI."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from utils import results
+from utils.analysis import results
 from utils.errors import UserError
-from utils.record import record_name
+from utils.record.layout import record_name
 
 
 # --- helpers that fabricate result files ---------------------------------------------------------

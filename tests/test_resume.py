@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from conftest import attack_argv
-from utils import engine, victim
+from utils import engine
+from utils.record.layout import CHECKPOINT_FILE
+from utils.victim import train as victim
 
 
 def _interrupt_at_epoch(monkeypatch, n: int):
@@ -36,12 +38,12 @@ def test_killed_run_resumes_to_identical_model(tiny_cifar10, tmp_path, monkeypat
     final = tmp_path / "a" / "cifar10" / "badnet" / "pratio_0.1-target_0-archi_smallcnn"
     partial = final.parent / f".{final.name}.partial"
     assert not final.exists(), "an interrupted run must not look finished"
-    assert (partial / victim.CHECKPOINT).exists()
+    assert (partial / CHECKPOINT_FILE).exists()
     monkeypatch.undo()
 
     resumed = victim.run_attack("badnet", argv)
     assert "resuming after epoch 1" in capsys.readouterr().out
-    assert not partial.exists() and not (resumed / victim.CHECKPOINT).exists()
+    assert not partial.exists() and not (resumed / CHECKPOINT_FILE).exists()
     rows = (resumed / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3  # header + every epoch, the one before the kill included
 

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from conftest import REPO_ROOT, copy_record
-from utils import engine, finetune, retune, robustness_table
+from utils import engine
+from utils.commands import finetune
+from utils.robustness import retune, table as robustness_table
 from utils.errors import UserError
-from utils.record import load_record
-from utils.victim import rebuild_experiment
+from utils.record.store import load_record
+from utils.victim.experiment import rebuild_experiment
 
 CPU = torch.device("cpu")
 

@@ -8,10 +8,10 @@ from torch import nn
 
 import models
 from utils import engine
-from utils.datasets import dataset_info
+from utils.data.datasets import dataset_info
 from utils.errors import UserError
-from utils.purify import EXTRA_MODES, PurifySettings, get_mode, parse_modes, purify
-from utils.sharpness import WeightShift, path_offsets, sam_offsets
+from utils.defenses.purify import EXTRA_MODES, PurifySettings, get_mode, parse_modes, purify
+from utils.defenses.sharpness import WeightShift, path_offsets, sam_offsets
 
 
 def _net(seed: int) -> nn.Module:
@@ -146,7 +146,7 @@ def test_ft_sam_trains_a_copy_and_differs_from_plain_ft():
 
 
 def _bti_settings(**kw):
-    from utils.bti import BTISettings
+    from utils.defenses.bti import BTISettings
     base = dict(pretrain_epochs=0, mask_epochs=0, gen_epochs=0, unet_width=4, batch_size=48, seed=2, progress=False)
     base.update(kw)
     return BTISettings(**base)
@@ -156,7 +156,7 @@ def test_bti_unlearning_loss_is_ce_on_the_mixed_batch_plus_feature_map_mse():
     """BTI-DBF(U): CE(model(mixed), y) + MSE(f(clean), f(mixed)) on the last-stage feature maps,
     recomputed independently (every image replaced, one batch, no augmentation, lr ~ 0)."""
     import dataclasses
-    from utils import bti
+    from utils.defenses import bti
 
     torch.manual_seed(0)
     model = models.build_model("smallcnn", 4, 3, 16)
@@ -180,7 +180,7 @@ def test_bti_unlearning_loss_is_ce_on_the_mixed_batch_plus_feature_map_mse():
 @pytest.mark.parametrize("batch, ratio, replaced", [(10, 0.2, 3), (128, 0.2, 26), (64, 0.0, 0), (5, 1.0, 5)])
 def test_unlearning_replaces_int_ratio_b_plus_one_random_images(monkeypatch, batch, ratio, replaced):
     """The official mixing: int(0.2 B + 1) images at random positions become generator outputs."""
-    from utils import bti, purify as purify_mod
+    from utils.defenses import bti, purify as purify_mod
 
     images, labels = _tiny_data()
     settings = PurifySettings(epochs=1, lr=0.01, alpha=0.0, unlearn_ratio=ratio, progress=False, bti=_bti_settings())
@@ -198,7 +198,7 @@ def test_unlearning_replaces_int_ratio_b_plus_one_random_images(monkeypatch, bat
 
 
 def test_ft_sam_backdoorbench_preset_fills_its_settings_and_flags_win():
-    from utils import finetune
+    from utils.commands import finetune
 
     def settle(*extra):
         args = finetune.build_parser().parse_args(["--dataset", "cifar10", "--ft_mode", "ft-sam", *extra])

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from utils import ssba
-from utils.attacks import PrepareContext, get_attack
-from utils.datasets import DatasetInfo, ImageSet
+from utils.attacks import ssba
+from utils.attacks.registry import PrepareContext, get_attack
+from utils.data.datasets import DatasetInfo, ImageSet
 from utils.errors import UserError
-from utils.poison import poison_train_set
-from utils.resources import Progress, Resource
+from utils.attacks.poison import poison_train_set
+from utils.record.resources import Progress, Resource
 
 
 def _info(channels: int, size: int, name: str = "x") -> DatasetInfo:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, copy_record
-from utils import sweep
+from utils.tools import sweep
 from utils.errors import UserError
-from utils.sweep import Job
+from utils.tools.sweep import Job
 
 
 def fake_job(tmp: Path, name: str, code: str = "", fail: bool = False, sleep: float = 0.0, requires=()) -> Job:
@@ -96,7 +96,7 @@ def test_killed_sweep_resumes(tmp_path):
     job's output stays, and the next run redoes only the second."""
     jobs = [fake_job(tmp_path, "quick"), fake_job(tmp_path, "slow", sleep=30)]
     payload = json.dumps([asdict(j) for j in jobs])
-    driver = (f"import json, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from utils.sweep import Job, run_local; "
+    driver = (f"import json, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from utils.tools.sweep import Job, run_local; "
               f"run_local([Job(**d) for d in json.loads({payload!r})], [('cpu', {{}})])")
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO_ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

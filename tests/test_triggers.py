@@ -1,5 +1,5 @@
-"""Property tests for the triggers (utils.triggers), the poisoning (utils.poison) and the attack
-registry (utils.attacks), on a few seeded random batches per case (REFERENCE §4)."""
+"""Property tests for the triggers (utils.attacks.triggers), the poisoning (utils.attacks.poison) and the attack
+registry (utils.attacks), on a few seeded random batches per case (docs/protocol.md §4)."""
 from __future__ import annotations
 
 import itertools
@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import triggers
-from utils.attacks import ATTACKS, get_attack, make_trigger
-from utils.datasets import DatasetInfo
+from utils.attacks import triggers
+from utils.attacks.registry import ATTACKS, get_attack, make_trigger
+from utils.data.datasets import DatasetInfo, dataset_info
+from utils.victim.experiment import attack_options
 from utils.errors import UserError
-from utils.poison import (backdoor_labels, backdoor_test_set, choose_poison_indices, poison_count,
-                          poison_train_set)
+from utils.attacks.poison import (backdoor_labels, backdoor_test_set, choose_poison_indices, poison_count,
+                                  poison_train_set)
 
 CHANNELS = (1, 3)
 SIZES = (28, 32, 64)
@@ -407,3 +408,25 @@ def test_blended_attack_uses_train_and_test_alpha():
     assert torch.equal(make_trigger(spec, params, False)(x), triggers.apply_blend(x, key, 0.6))
     with pytest.raises(UserError, match="blend_alpha"):
         spec.build({"blend_alpha": 1.5, "blend_alpha_test": 0.2, "trigger_path": "", "blend_key": "landscape"}, INFO)
+
+
+# --- every registered attack (a new one is enrolled by registering it) ------------------------
+
+def _static_attacks() -> list[str]:
+    """Attacks whose trigger comes from `build` alone (no resource step such as LC's PGD images)."""
+    return [name for name, spec in sorted(ATTACKS.items()) if spec.prepare is None]
+
+
+@pytest.mark.parametrize("name", _static_attacks())
+@pytest.mark.parametrize("train", [True, False])
+def test_every_attack_keeps_dtype_shape_and_is_deterministic(name, train):
+
+    spec = get_attack(name)
+    cfg = {o.name: o.default for o in attack_options(spec)}
+    info = dataset_info("cifar10")
+    params = spec.build(cfg, info)
+    images = torch.randint(0, 256, (6, 3, 32, 32), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    out = spec.apply(images.clone(), params, train)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(out, spec.apply(images.clone(), params, train)), "same input, same trigger, different output"
+    assert not torch.equal(out, images), "the trigger changed nothing"

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import REPO_ROOT, attack_argv
-from utils.wanet import apply_uint8, make_field, poison_batch, shift_rotate, warp
+from utils.attacks.wanet import apply_uint8, make_field, poison_batch, shift_rotate, warp
 
 
 def test_field_is_seeded_bounded_and_smooth():
@@ -66,8 +66,8 @@ def test_post_augment_switch_selects_who_augments():
     from types import SimpleNamespace
 
     from utils import engine
-    from utils.datasets import dataset_info
-    from utils.wanet import wanet_hooks
+    from utils.data.datasets import dataset_info
+    from utils.attacks.wanet import wanet_hooks
 
     info = dataset_info("fmnist")
     exp = SimpleNamespace(trigger_params={"grid": make_field(28, 4, 0.5, 0)}, device=torch.device("cpu"), info=info,
@@ -141,7 +141,7 @@ def _torchvision_batch_augment(x, pad, degrees, flip, seed):
 
 
 def test_batch_augment_is_the_originals_crop_rotation_flip_with_one_draw_per_batch():
-    from utils.wanet import batch_augment
+    from utils.attacks.wanet import batch_augment
 
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     seen = set()
@@ -168,7 +168,7 @@ def test_rotation_matches_torchvision_on_non_square_images():
     import torch.nn.functional as F
 
     from utils.compat import import_torchvision
-    from utils.wanet import rotation_theta
+    from utils.attacks.wanet import rotation_theta
 
     import_torchvision()
     import torchvision.transforms.functional as TF
@@ -182,7 +182,7 @@ def test_rotation_matches_torchvision_on_non_square_images():
 
 
 def test_default_config_is_the_originals_constant_lr_and_batch_augmentation():
-    from utils.victim import parse_attack_config
+    from utils.victim.experiment import parse_attack_config
 
     cfg = parse_attack_config("wanet", ["--yaml_path", "config/attack/prototype/cifar10.yaml"])
     assert cfg["lr_scheduler"] == "none" and cfg["lr"] == 0.1
@@ -196,9 +196,9 @@ def test_augmentation_options_are_checked():
     import pytest
 
     from utils import engine
-    from utils.datasets import dataset_info
+    from utils.data.datasets import dataset_info
     from utils.errors import UserError
-    from utils.wanet import wanet_hooks
+    from utils.attacks.wanet import wanet_hooks
 
     info = dataset_info("fmnist")
     exp = SimpleNamespace(trigger_params={"grid": make_field(28, 4, 0.5, 0)}, device=torch.device("cpu"), info=info,
@@ -211,7 +211,7 @@ def test_augmentation_options_are_checked():
 
 
 def test_cpu_recipe_loads_and_differs_from_the_default_only_where_documented():
-    from utils.victim import parse_attack_config
+    from utils.victim.experiment import parse_attack_config
 
     base = ["--yaml_path", "config/attack/prototype/fmnist.yaml"]
     default = parse_attack_config("wanet", base)

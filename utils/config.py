@@ -1,9 +1,11 @@
-"""Configuration: option schemas, YAML loading and the precedence flag > attack YAML > prototype YAML.
+"""Configuration: option schemas, YAML layers and the precedence flag > YAML > default.
 
-An entry point declares its options once as a list of `Option`s. From that list come the argparse
-flags (every YAML key has a flag), the YAML validation (an unknown key is an error that lists the
-valid ones; a value of the wrong type is an error naming the key) and the resolved dictionary that
-is saved beside every result.
+Every command declares its options once as a list of `Option`s: the attack scripts (defaults <
+prototype YAML < attack YAML < flags) and the record commands `ft.py`, `ft_poison.py`, `qra.py`
+(defaults < `--yaml_path` < flags, `parse_command`). From that list come the argparse flags (every
+YAML key has a flag), the YAML validation (an unknown key is an error that lists the valid ones; a
+value of the wrong type is an error naming the key) and the resolved dictionary that is saved
+beside every result.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ class Option:
     help: str
     choices: Sequence[Any] | None = None
     yaml: bool = True  # False for flags that only make sense on the command line
+    #: how the flag is written: "value" (--x V), "switch" (--x alone means true) or "optional"
+    #: (--x alone means true, --x V gives V)
+    flag: str = "value"
 
     def convert(self, value: Any, source: str) -> Any:
         if value is None and self.default is None:
@@ -121,10 +126,36 @@ def build_parser(options: Sequence[Option], description: str, yaml_flags: Sequen
     for flag, default, help_text in yaml_flags:
         parser.add_argument(f"--{flag}", default=default, help=help_text)
     for opt in options:
-        extra = f" (default: {opt.default})" if opt.default is not None else ""
+        extra = f" (default: {opt.default})" if opt.default is not None and "default" not in opt.help else ""
         choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
-        parser.add_argument(f"--{opt.name}", type=str, metavar=opt.name.upper(), help=opt.help + choices + extra)
+        help_text = opt.help + choices + extra
+        if opt.flag == "switch":
+            parser.add_argument(f"--{opt.name}", action="store_const", const="true", help=help_text)
+        elif opt.flag == "optional":
+            parser.add_argument(f"--{opt.name}", nargs="?", const="true", metavar=opt.name.upper(), help=help_text)
+        else:
+            parser.add_argument(f"--{opt.name}", type=str, metavar=opt.name.upper(), help=help_text)
     return parser
+
+
+def parse_command(options: Sequence[Option], argv: Sequence[str] | None, description: str,
+                  script_dir: Path | None = None) -> argparse.Namespace:
+    """Defaults < `--yaml_path` (a YAML of any of the options) < flags, every value converted and
+    checked. Returns the resolved settings as a namespace (`yaml_path` included, portable)."""
+    parser = build_parser(options, description, [
+        ("yaml_path", None, "YAML file of settings: any of the options below as keys (e.g. config/defense/pam.yaml); "
+                            "flags win over it"),
+    ])
+    args = vars(parser.parse_args(argv))
+    given = args.pop("yaml_path", None)
+    layers = []
+    if given:
+        path = resolve_path(given, script_dir, "settings YAML")
+        layers.append((str(path), load_yaml(path, options)))
+        given = str(path)
+    cfg = resolve(options, layers, args)
+    cfg["yaml_path"] = given
+    return argparse.Namespace(**cfg)
 
 
 def resolve(options: Sequence[Option], layers: Sequence[tuple[str, dict[str, Any]]], cli: dict[str, Any]) -> dict[str, Any]:

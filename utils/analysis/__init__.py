@@ -1,0 +1,1 @@
+"""Analysis of finished runs: result tables (`results`), figures (`plots`), t-SNE (`tsne`)."""

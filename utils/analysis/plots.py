@@ -1,0 +1,441 @@
+"""PNG figures of results: metrics against the poisoning ratio (from the long results CSV), training
+curves of a record and its purifications (from their metrics.csv files), and the FST paper's
+feature-shift picture (t-SNE of penultimate features before and after purification).
+
+    python -m utils.plots pratio --csv results.csv --out DIR [--dataset ..] [--model ..] [--attacks ..] [--modes ..]
+    python -m utils.plots curves RECORD_FOLDER --out FILE.png [--modes ..] [--tag ..]
+    python -m utils.plots tsne RECORD_FOLDER --out FILE.png [--modes ft fst] [--n 500] [--seed 0]
+                                             [--dataset_path data] [--device auto]
+
+matplotlib is optional: it is imported only when a figure is drawn (Agg backend, no display needed).
+Every PNG is written atomically (a temporary file in the same folder, then os.replace).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from utils import engine
+from utils.errors import UserError, run_cli
+from utils.defenses.purify import MODES
+from utils.analysis.results import MODE_NAMES
+from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FILE, NONE, RECORD_FILE, defense_folder
+from utils.commands.driver import build_loaded_model, load_source_state
+from utils.analysis.tsne import knn_separation, knn_vote, tsne
+from utils.record.store import load_record, write_bytes, write_json
+from utils.config import parse_bool
+from utils.victim.experiment import rebuild_experiment
+
+DPI = 120
+MODE_ORDER = tuple(MODES)  # the paper's order: ft, lp, fe-tuning, ft-init, fst
+NO_DEFENSE = MODE_NAMES["none"]
+METRICS = (("clean_acc", "C-Acc"), ("asr", "ASR"), ("ra", "RA"))
+
+
+# --- shared helpers ----------------------------------------------------------------------------
+
+def _figure_class():
+    """matplotlib's Figure, imported on first use with the Agg backend (no display, no pyplot state)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install matplotlib (or pip install '.[plots]')") from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    return Figure
+
+
+def _save(fig, out: Path) -> Path:
+    """Render to PNG in memory, then write atomically (temporary name in the same folder + os.replace)."""
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    out = Path(out)
+    write_bytes(out, buf.getvalue())
+    return out
+
+
+def _num(value: Any) -> float:
+    """A CSV cell as a float; empty, missing and unparsable cells are NaN."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _text(value: Any) -> str:
+    """A CSV cell as text; None and NaN (a cell read back by pandas) are ""."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _mode_key(mode: str) -> tuple[int, str]:
+    base = mode.split("_", 1)[0]
+    return (MODE_ORDER.index(base) if base in MODE_ORDER else len(MODE_ORDER), mode)
+
+
+def display_name(mode: str) -> str:
+    """FT, LP, FE-tuning, FT-init, FST; a tagged folder `fst_x` reads `FST (x)`; others as given."""
+    base, _, tag = mode.partition("_")
+    name = MODE_NAMES.get(base, base) if base != "none" else base
+    return f"{name} ({tag})" if tag else name
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    """All rows of a CSV file as dicts of strings (a clear error for a missing file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _check_png(out: str | Path, flag: str = "--out") -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{flag} {out} must name a .png file")
+    return out
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """The record's config.yaml (for titles); {} when absent or unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_title(dataset: Any, model: Any, attack: Any, pratio: Any) -> str:
+    return f"{dataset} / {model} / {attack}, pratio {pratio}"
+
+
+# --- 1. metrics against the poisoning ratio ------------------------------------------------------
+
+def pratio_summary(rows: Iterable[dict[str, Any]], datasets: Sequence[str] | None = None, models: Sequence[str] | None = None,
+                   attacks: Sequence[str] | None = None, modes: Sequence[str] | None = None) -> dict:
+    """What the pratio figures show: {(dataset, model, attack): {series: {pratio: {"asr": (mean, std, n),
+    "clean_acc": (mean, std, n)}}}}, in percent, std the sample std over replicates (0 for one). A series
+    is a purification mode (kind=purify rows) or "No defense" (kind=attack rows); tagged rows, other
+    kinds and pratio 0 (no place on a log axis) are left out; `modes` filters only the purifications."""
+    wanted = {"dataset": datasets, "model": models, "attack": attacks}
+    values: dict = {}
+    for row in rows:
+        kind = _text(row.get("kind"))
+        if kind not in ("attack", "purify") or _text(row.get("tag")):
+            continue
+        if any(allowed and _text(row.get(col)) not in allowed for col, allowed in wanted.items()):
+            continue
+        if kind == "purify" and modes and _text(row.get("mode")) not in modes:
+            continue
+        pratio = _num(row.get("pratio"))
+        if not pratio > 0:
+            continue
+        key = (_text(row.get("dataset")), _text(row.get("model")), _text(row.get("attack")))
+        label = NO_DEFENSE if kind == "attack" else _text(row.get("mode"))
+        cell = values.setdefault(key, {}).setdefault(label, {}).setdefault(pratio, {"asr": [], "clean_acc": []})
+        for metric in cell:
+            cell[metric].append(100 * _num(row.get(metric)))
+    return {key: {label: {pr: {m: _mean_std(v) for m, v in cell.items()} for pr, cell in sorted(points.items())}
+                  for label, points in series.items()} for key, series in sorted(values.items())}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
+def plot_vs_pratio(rows: Iterable[dict[str, Any]], out_dir: str | Path, datasets: Sequence[str] | None = None,
+                   models: Sequence[str] | None = None, attacks: Sequence[str] | None = None,
+                   modes: Sequence[str] | None = None) -> list[Path]:
+    """One PNG per (dataset, model, attack), `<out_dir>/pratio_<dataset>_<model>_<attack>.png`: ASR and
+    C-Acc (%) against pratio (%, log axis), one line per purification mode (mean over replicates,
+    error bars = sample std) in the order FT, LP, FE-tuning, FT-init, FST, others, plus the undefended
+    victims (kind=attack rows, dashed grey). Rows as `pratio_summary` selects them."""
+    Figure = _figure_class()
+    summary = pratio_summary(rows, datasets, models, attacks, modes)
+    if not summary:
+        chosen = ", ".join(f"{k} {list(v)}" for k, v in
+                           (("datasets", datasets), ("models", models), ("attacks", attacks), ("modes", modes)) if v)
+        raise UserError(f"no untagged attack/purify rows with pratio > 0 to plot ({chosen or 'no filter'})")
+    out_dir = Path(out_dir)
+    written = []
+    for (dataset, model, attack), series in summary.items():
+        order = sorted((s for s in series if s != NO_DEFENSE), key=_mode_key) + ([NO_DEFENSE] if NO_DEFENSE in series else [])
+        pratios = sorted({pr for points in series.values() for pr in points})
+        fig = Figure(figsize=(11, 4.2), layout="tight")
+        axes = fig.subplots(1, 2)
+        for ax, (metric, name) in zip(axes, (("asr", "ASR"), ("clean_acc", "C-Acc"))):
+            for label in order:
+                points = series[label]
+                xs = [100 * pr for pr in points]
+                style = dict(color="grey", linestyle="--") if label == NO_DEFENSE else {}
+                ax.errorbar(xs, [p[metric][0] for p in points.values()], yerr=[p[metric][1] for p in points.values()],
+                            marker="o", markersize=4, capsize=3,
+                            label=label if label == NO_DEFENSE else display_name(label), **style)
+            ax.set_xscale("log")
+            ax.set_xticks([100 * p for p in pratios], [f"{100 * p:g}" for p in pratios])
+            ax.minorticks_off()
+            ax.set_xlabel("poisoning ratio (%)")
+            ax.set_ylabel(f"{name} (%)")
+            ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+            ax.set_title(name)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{dataset} / {model} / {attack}: metrics vs pratio (mean ± sample std over replicates)")
+        written.append(_save(fig, out_dir / f"pratio_{dataset}_{model}_{attack}.png"))
+    return written
+
+
+# --- 2. training curves ------------------------------------------------------------------------
+
+def _defense_runs(record_folder: Path, modes: Sequence[str] | None, tag: str) -> list[tuple[str, Path]]:
+    """(mode, folder) of the purifications to draw: the named modes (each must exist) or every
+    defense/<mode>[_<tag>]/ holding a metrics.csv, in the canonical mode order."""
+    root = record_folder / DEFENSE_DIR
+    suffix = f"_{tag}" if tag else ""
+    if modes:
+        runs = [(m, root / f"{m}{suffix}") for m in modes]
+        for mode, folder in runs:
+            if not (folder / METRICS_FILE).is_file():
+                have = [m for m, _ in _defense_runs(record_folder, None, tag)]
+                raise UserError(f"no purification metrics at {folder / METRICS_FILE}; modes with metrics"
+                                f"{' (tag ' + tag + ')' if tag else ''}: {', '.join(have) or 'none'}")
+        return runs
+    runs = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            name = folder.name
+            if name.startswith(".") or not (folder / METRICS_FILE).is_file():
+                continue
+            if tag and name.endswith(suffix) and len(name) > len(suffix):
+                runs.append((name[: -len(suffix)], folder))
+            elif not tag and "_" not in name:
+                runs.append((name, folder))
+    return sorted(runs, key=lambda r: _mode_key(r[0]))
+
+
+def _points(rows: list[dict[str, str]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, percent values) of the rows where `key` was evaluated (empty/nan cells skipped)."""
+    xs, ys = [], []
+    for row in rows:
+        epoch, value = _num(row.get("epoch")), _num(row.get(key))
+        if not (math.isnan(epoch) or math.isnan(value)):
+            xs.append(epoch)
+            ys.append(100 * value)
+    return xs, ys
+
+
+def plot_curves(record_folder: str | Path, out: str | Path, modes: Sequence[str] | None = None, tag: str = "") -> Path:
+    """Four panels: the victim's training (record/metrics.csv: C-Acc, ASR, RA per epoch), then C-Acc,
+    ASR and RA per tuning epoch of each purification (defense/<mode>[_<tag>]/metrics.csv, one line per
+    mode). Epochs without evaluation (empty or nan cells, ft.py --eval_every k) are skipped, and every
+    evaluated epoch gets a marker, so sparse curves stay readable."""
+    Figure = _figure_class()
+    from matplotlib.ticker import MaxNLocator
+
+    folder = Path(record_folder)
+    metrics = folder / METRICS_FILE
+    if not metrics.is_file():
+        raise UserError(f"{metrics} does not exist; {folder} is not a record folder (or its attack did not finish)")
+    victim = read_csv_rows(metrics)
+    runs = [(mode, read_csv_rows(f / METRICS_FILE)) for mode, f in _defense_runs(folder, modes, tag)]
+    cfg = _read_config(folder)
+    fig = Figure(figsize=(18, 4.2), layout="tight")
+    axes = fig.subplots(1, 4)
+    for key, label in METRICS:
+        axes[0].plot(*_points(victim, key), marker="o", markersize=3, label=label)
+    axes[0].set_title(f"victim training ({cfg.get('attack', 'attack')})")
+    for ax, (key, label) in zip(axes[1:], METRICS):
+        for mode, rows in runs:
+            ax.plot(*_points(rows, key), marker="o", markersize=3, label=display_name(mode))
+        ax.set_title(f"{label} during purification")
+        if not runs:
+            ax.text(0.5, 0.5, "no purification results", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    title = _record_title(cfg.get("dataset", "?"), cfg.get("model", "?"), cfg.get("attack", "?"), cfg.get("pratio", "?"))
+    fig.suptitle(title + (f" (tag {tag})" if tag else ""))
+    return _save(fig, _check_png(out))
+
+
+# --- 3. t-SNE of penultimate features ------------------------------------------------------------
+
+def _features(model, images: torch.Tensor, pipeline, amp: torch.dtype | None, batch_size: int = 256) -> torch.Tensor:
+    """Penultimate features (N, D) in float32, eval mode, no gradients."""
+    model.eval()
+    out = []
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        for start in range(0, len(images), batch_size):
+            out.append(model.features(pipeline.eval_batch(images[start:start + batch_size])).float().flatten(1))
+    return torch.cat(out)
+
+
+def _class_colours(num_classes: int):
+    import matplotlib
+
+    name = "tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"
+    cmap = matplotlib.colormaps[name]
+    return (lambda c: cmap(c % cmap.N)) if name != "turbo" else (lambda c: cmap(c / max(num_classes - 1, 1)))
+
+
+def plot_tsne(record_folder: str | Path, out: str | Path, modes: Sequence[str] = ("ft", "fst"), n: int = 500, seed: int = 0,
+              device: str | torch.device = "cpu", dataset_path: str | Path | None = None, *, amp: torch.dtype | None = None,
+              perplexity: float = 30.0, iterations: int = 750, progress: bool = False) -> Path:
+    """The feature-shift picture: one t-SNE panel per model (the backdoored one, then each purified
+    defense/<mode>/model.pt) of the penultimate features of n seeded-random clean test images
+    (coloured by true class) and n seeded-random backdoor test images (black crosses); every model sees
+    the same images. Also writes `<out stem>.json` with each panel's separation score: the
+    leave-one-out 5-NN accuracy, in the 2-D embedding, of telling poisoned from clean points (high:
+    the poisoned samples form their own cluster). A visible trigger (BadNet's patch) can keep poisoned
+    features apart even after the backdoor is gone, so the JSON also holds two scores computed in the
+    feature space itself: the share of poisoned images whose 5 nearest clean images are mostly of their
+    true class (rises when purification works) or of the target class (falls)."""
+
+    Figure = _figure_class()
+    import matplotlib.lines as mlines
+
+    out = _check_png(out)
+    folder = Path(record_folder)
+    if n < 5:
+        raise UserError(f"--n {n}: the picture needs at least 5 clean and 5 poisoned images")
+    modes = list(modes)
+    for mode in modes:  # fail before any work when a purified model was not kept
+        path = defense_folder(folder, mode) / MODEL_FILE
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: the purification kept no weights; rerun fine_tune/ft.py "
+                            f"--ft_mode {mode.split('_', 1)[0]} --save true (with --overwrite true if its result exists)")
+    record = load_record(folder)
+    dev = engine.resolve_device(str(device))
+    exp = rebuild_experiment(record, str(dataset_path or "data"), dev)
+    pipe = exp.pipeline
+    n_clean, n_bd = min(n, len(exp.clean_test.labels)), min(n, len(exp.bd_test.targets))
+    if n_bd < 5:
+        raise UserError(f"{folder}: only {n_bd} backdoor test images; the picture needs at least 5")
+    cpu = torch.device("cpu")
+    clean_idx = torch.randperm(len(exp.clean_test.labels), generator=engine.make_generator(seed, cpu, "tsne-clean"))[:n_clean]
+    bd_idx = torch.randperm(len(exp.bd_test.targets), generator=engine.make_generator(seed, cpu, "tsne-poisoned"))[:n_bd]
+    images = torch.cat([exp.clean_test.images[clean_idx.to(dev)], exp.bd_test.images[bd_idx.to(dev)]])
+    classes = exp.clean_test.labels[clean_idx.to(dev)].cpu()
+    bd_true = exp.bd_test.true_labels[bd_idx.to(dev)].cpu()
+    bd_target = exp.bd_test.targets[bd_idx.to(dev)].cpu()
+    is_poisoned = torch.cat([torch.zeros(n_clean, dtype=torch.long), torch.ones(n_bd, dtype=torch.long)])
+
+    panels = []
+    for source in tqdm([NONE, *modes], desc="models", leave=False, disable=not progress):
+        state = load_source_state(record, folder, source)
+        where = str(folder / RECORD_FILE) if source == NONE else str(defense_folder(folder, source) / MODEL_FILE)
+        model = build_loaded_model(record, state, where, pipe, dev)
+        feats = _features(model, images, pipe, amp)
+        del model
+        emb = tsne(feats, perplexity=perplexity, iterations=iterations, seed=seed, progress=progress).cpu()
+        vote = knn_vote(feats[:n_clean].cpu(), classes, feats[n_clean:].cpu(), k=5)
+        panels.append({"model": source, "label": "Backdoored" if source == NONE else display_name(source),
+                       "separation_5nn": knn_separation(emb, is_poisoned, k=5),
+                       "poisoned_nn_true_class": float((vote == bd_true).double().mean()),
+                       "poisoned_nn_target": float((vote == bd_target).double().mean()), "embedding": emb})
+
+    colour = _class_colours(int(record["num_classes"]))
+    fig = Figure(figsize=(4.6 * len(panels), 4.8), layout="tight")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        emb = panel["embedding"]
+        ax.scatter(emb[:n_clean, 0], emb[:n_clean, 1], s=6, alpha=0.6, c=[colour(int(c)) for c in classes], linewidths=0)
+        ax.scatter(emb[n_clean:, 0], emb[n_clean:, 1], s=14, c="black", marker="x", linewidths=0.8)
+        ax.set_title(f"{panel['label']}\npoisoned next to their true class {panel['poisoned_nn_true_class']:.0%}, "
+                     f"to the target {panel['poisoned_nn_target']:.0%}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    all2all = record.get("attack_label_trans") == "all2all"
+    handles = [mlines.Line2D([], [], color="grey", marker="o", linestyle="", markersize=4, label="clean (colour = true class)"),
+               mlines.Line2D([], [], color="black", marker="x", linestyle="", markersize=5,
+                             label="poisoned (all2all)" if all2all else f"poisoned (→ target {record['attack_target']})")]
+    axes[0].legend(handles=handles, fontsize=8, loc="best")
+    fig.suptitle(f"{_record_title(record['dataset'], record['model_name'], record['attack'], record['pratio'])}: "
+                 f"penultimate features, t-SNE of {n_clean} clean + {n_bd} poisoned test images")
+    _save(fig, out)
+    write_json(out.with_suffix(".json"), {
+        "record": f"{record['dataset']}/{record['attack']}/{folder.name}", "image": out.name,
+        "n_clean": n_clean, "n_poisoned": n_bd, "seed": seed, "iterations": iterations,
+        "perplexity": min(perplexity, (n_clean + n_bd - 1) / 3.0),  # as tsne() lowers it for small sets
+        "score": "separation_5nn: leave-one-out 5-NN accuracy of poisoned vs clean in the 2-D embedding",
+        "feature_scores": "poisoned_nn_true_class / poisoned_nn_target: share of poisoned images whose 5 nearest clean "
+                          "images in the penultimate feature space are mostly of their true class / of the backdoor target",
+        "panels": [{k: v for k, v in p.items() if k != "embedding"} for p in panels],
+    })
+    return out
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+
+    p = argparse.ArgumentParser(prog="python -m utils.plots", description="PNG figures of sweep results, "
+                                "training curves and feature t-SNE (needs matplotlib)")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("pratio", help="ASR and C-Acc against pratio, one PNG per dataset/model/attack")
+    a.add_argument("--csv", required=True, help="the long results CSV (python -m utils.results)")
+    a.add_argument("--out", required=True, help="folder for the PNGs")
+    a.add_argument("--dataset", nargs="+", help="only these datasets")
+    a.add_argument("--model", nargs="+", help="only these models")
+    a.add_argument("--attacks", nargs="+", help="only these attacks")
+    a.add_argument("--modes", nargs="+", help="only these purification modes")
+    c = sub.add_parser("curves", help="training curves of a record and its purifications")
+    c.add_argument("record_folder")
+    c.add_argument("--out", required=True, help="the PNG to write")
+    c.add_argument("--modes", nargs="+", help="purification modes (default: every one with metrics)")
+    c.add_argument("--tag", default="", help="draw defense/<mode>_<tag>/ instead of defense/<mode>/")
+    t = sub.add_parser("tsne", help="t-SNE of penultimate features, backdoored vs purified models")
+    t.add_argument("record_folder")
+    t.add_argument("--out", required=True, help="the PNG to write (scores go to the .json beside it)")
+    t.add_argument("--modes", nargs="+", default=["ft", "fst"], help="purified models under defense/ (default ft fst)")
+    t.add_argument("--n", type=int, default=500, help="clean and poisoned test images each (default 500)")
+    t.add_argument("--seed", type=int, default=0, help="image choice and t-SNE seed (default 0)")
+    t.add_argument("--dataset_path", default="data", help="folder holding the datasets (default data)")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    t.add_argument("--amp", default="none", choices=("auto", "bf16", "fp16", "none"),
+                   help="mixed precision of the feature extraction (default none)")
+    t.add_argument("--progress", type=parse_bool, default=True, help="show progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    if args.command == "pratio":
+        written = plot_vs_pratio(read_csv_rows(args.csv), args.out, args.dataset, args.model, args.attacks, args.modes)
+    elif args.command == "curves":
+        written = [plot_curves(args.record_folder, args.out, args.modes, args.tag)]
+    else:
+
+        device = engine.resolve_device(args.device)
+        out = plot_tsne(args.record_folder, args.out, args.modes, args.n, args.seed, device, args.dataset_path,
+                        amp=engine.amp_dtype(args.amp, device), progress=args.progress)
+        written = [out, out.with_suffix(".json")]
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,251 @@
+"""`fine_tune/ft.py`: load a record, purify its model with one or more modes, write results."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import math
+import sys
+import time
+from typing import Sequence
+
+import models
+from utils import engine
+from utils.config import Option, parse_bool, parse_optional_float
+from utils.errors import UserError
+from utils.attacks.poison import LABEL_TRANS
+from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, parse_modes,
+                                   purify, tuning_indices)
+from utils.record.resources import tensor_digest
+from utils.commands.driver import aborting, check_record_args, check_record_matches, check_tag, finish_run, parse_record_command, record_label, record_options, run_arguments, run_options, stage, start_runtime
+from utils.record.store import (load_record, load_state_dict_checked)
+from utils.record.layout import RECORD_FILE, defense_folder, find_record
+from utils.defenses.bti import BTISettings
+from utils.data.datasets import dataset_info
+from utils.victim.experiment import build_model_for
+from utils.engine.runtime import device_name
+
+
+DESCRIPTION = ("Purify a backdoored model by fine-tuning (FST and baselines, FT-SAM, BTI, PAM).")
+
+
+def options() -> list[Option]:
+    """Every setting of the command (flags, and keys of a --yaml_path file)."""
+    return [
+        *record_options(),
+        *run_options("write to defense/<mode>_<tag>/ instead of defense/<mode>/ (for sweeps)",
+                     "replace an existing result of the same mode and tag"),
+        Option("ft_mode", str, 'fst', f"one of {', '.join(ALL_MODES)}; all (= {', '.join(MODES)}); or a comma-separated list (default fst)"),
+        Option("attack_label_trans", str, None, 'checked against the record when given', choices=LABEL_TRANS),
+        Option("epochs", int, None, 'tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)'),
+        Option("batch_size", int, None, 'tuning batch size (default 128; ft-sam backdoorbench preset 256)'),
+        Option("wd", float, None, 'weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)'),
+        Option("ft_sam_preset", str, 'toolkit', "ft-sam settings: toolkit (this toolkit's: the dataset's split/epochs/lr, batch 128, label smoothing 0.1, no weight decay, cosine per epoch) or backdoorbench (BackdoorBench's CIFAR-10 FT-SAM: 5%% split, 100 epochs, batch 256, lr 0.01, wd 5e-4, label smoothing 0.1 spread over the other classes, cosine with T_max 100 stepped per batch). Which one the NeurIPS 2024 paper used is not published; flags still win", choices=FT_SAM_PRESETS),
+        Option("lr", float, None, 'tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)'),
+        Option("momentum", float, None, 'SGD momentum (default 0.9; bti/pam 0.1)'),
+        Option("random_seed", int, 0, 'seed of the tuning subset, head init and batch order (default 0)'),
+        Option("split_ratio", float, None, 'fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny and bti/pam)'),
+        Option("eval_every", int, 1, 'evaluate C-Acc/ASR/RA after every k-th tuning epoch and the last (default 1; sweeps on a CPU use a larger k, the skipped epochs are empty in metrics.csv)'),
+        Option("log", parse_bool, False, 'also write the console output to defense/<mode>/log.txt', flag="switch"),
+        Option("pre", parse_bool, False, 'accepted for compatibility: the record already holds the (pre-trained) weights', flag="switch"),
+        Option("save", parse_bool, True, 'save the purified weights as defense/<mode>/model.pt (default true; the retuning and reactivation attacks need them)', flag="optional"),
+        Option("linear_name", str, None, "dotted path of the classifier head (default: the model's own, e.g. linear, classifier.6)"),
+        Option("lb_smooth", parse_optional_float, None, 'label smoothing for the CE term (FST term kept; default none, ft-sam 0.1)'),
+        Option("alpha", float, None, 'FST feature-shift weight (default per dataset: 0.2 cifar10, 0.1 gtsrb, 0.001 cifar100/tiny)'),
+        Option("norm_proj", str, 'all', "rescale the head to the backdoored head's norm after each step: in all five FST modes (official code), fst only (paper), none", choices=NORM_PROJ),
+        Option("split_mode", str, 'uniform', 'uniform random tuning subset, or the first k images of each class', choices=('uniform', 'balanced')),
+        Option("frozen_bn", parse_bool, False, 'keep BatchNorm of frozen parts in eval mode (default false: train mode, as the official code)'),
+        Option("sam_rho", float, 2.0, 'ft-sam: neighbourhood radius (default 2.0)'),
+        Option("sam_adaptive", parse_bool, True, "ft-sam: adaptive SAM, radius relative to the weights' magnitudes (default true)"),
+        Option("pam_rho", float, 0.5, 'pam: distance of the gradient point along the path to the backdoored weights (default 0.5)'),
+        Option("rounds", int, 3, 'bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)'),
+        Option("unlearn_ratio", float, 0.2, 'bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)'),
+        Option("bti_pretrain_epochs", int, 50, 'bti/pam: generator pre-training epochs (default 50, official)'),
+        Option("bti_mask_epochs", int, 20, 'bti/pam: feature-mask epochs per round (default 20, official)'),
+        Option("bti_gen_epochs", int, 30, 'bti/pam: backdoor-generator epochs per round (default 30, official)'),
+        Option("bti_norm_bound", float, 0.3, 'bti/pam: image MSE (normalised input space) above which the generator only shrinks its change (default 0.3)'),
+        Option("bti_feat_bound", float, 3.0, 'bti/pam: benign-feature MSE above which the generator only shrinks its change (default 3)'),
+        Option("bti_unet_width", int, 32, 'bti/pam: base filters of the generator UNet (default 32, official; 8 makes CPU runs ~16x cheaper)'),
+        Option("bti_generator_rounds", str, 'all', "bti/pam: train the backdoor generator in every round (default: BTI-DBF's design, and the official bti baseline) or only in the first (what the shipped official PAM code does)", choices=('all', 'first')),
+    ]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_record_command(options(), argv, DESCRIPTION)
+
+
+_TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth", "batch_size", "wd", "batch_cosine_tmax")
+FT_SAM_PRESETS = ("toolkit", "backdoorbench")
+
+
+def _backdoorbench_ft_sam(num_classes: int) -> dict:
+    """BackdoorBench's config/defense/ft-sam/cifar10.yaml and defense/ft-sam.py. Its smoothed
+    target gives 1 - eps to the true class and eps / (C - 1) to each other one; torch's
+    label_smoothing s gives 1 - s + s / C and s / C, the same targets for s = eps C / (C - 1)."""
+    eps = 0.1
+    return {"split_ratio": 0.05, "epochs": 100, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "wd": 5e-4,
+            "lb_smooth": eps * num_classes / (num_classes - 1), "batch_cosine_tmax": 100}
+
+
+def _settle_args(args: argparse.Namespace) -> list[str]:
+    """Check every value given before any work starts. Returns the modes; `mode_args` fills the
+    defaults of each."""
+    check_record_args(args)
+    modes = parse_modes(args.ft_mode)
+    if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
+        raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
+    if args.wd is not None and not (args.wd >= 0 and math.isfinite(args.wd)):
+        raise UserError(f"--wd must be 0 or positive, got {args.wd}")
+    if (args.epochs is not None and args.epochs < 1) or (args.batch_size is not None and args.batch_size < 1) \
+            or args.eval_batch_size < 0 or args.rounds < 1 \
+            or args.eval_every < 1:
+        raise UserError("--epochs, --rounds, --eval_every and --batch_size must be positive, --eval_batch_size 0 or positive")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
+        raise UserError(f"--momentum must be within [0, 1), got {args.momentum}")
+    if args.lb_smooth is not None and not 0.0 <= args.lb_smooth < 1.0:
+        raise UserError(f"--lb_smooth must be within [0, 1), got {args.lb_smooth}")
+    if args.sam_rho <= 0 or args.pam_rho < 0:
+        raise UserError("--sam_rho must be positive and --pam_rho 0 or positive")
+    if not 0.0 <= args.unlearn_ratio <= 1.0:
+        raise UserError(f"--unlearn_ratio must be within [0, 1], got {args.unlearn_ratio}")
+    if min(args.bti_pretrain_epochs, args.bti_mask_epochs, args.bti_gen_epochs) < 0 or args.bti_unet_width < 1:
+        raise UserError("--bti_*_epochs must be 0 or positive and --bti_unet_width positive")
+    for name in ("bti_norm_bound", "bti_feat_bound"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
+    check_tag(args.tag)
+    return modes
+
+
+def mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
+    """The arguments of one mode: what the user gave, else the mode's own default (PAM's 5% split,
+    FT-SAM's label smoothing, ...), else the dataset's."""
+    out = copy.copy(args)
+    out.ft_mode = mode
+    given = {k: getattr(args, k, None) for k in _TUNING_KEYS}  # batch_cosine_tmax has no flag
+    split, lr, epochs, alpha = DATASET_DEFAULTS[args.dataset]
+    filled = {"split_ratio": split, "lr": lr, "epochs": epochs, "alpha": alpha, "momentum": 0.9, "lb_smooth": None,
+              "batch_size": 128, "wd": 0.0, "batch_cosine_tmax": 0}
+    filled.update(dict(ALL_MODES[mode].defaults))
+    if mode == "ft-sam" and args.ft_sam_preset == "backdoorbench":
+        filled.update(_backdoorbench_ft_sam(dataset_info(args.dataset).num_classes))
+    for key in _TUNING_KEYS:
+        setattr(out, key, given[key] if given[key] is not None else filled[key])
+    return out
+
+
+def settings_for(args: argparse.Namespace, shared: dict | None = None) -> PurifySettings:
+    """PurifySettings from one mode's settled arguments; `shared` is passed on so that the modes of
+    one run reuse one pre-trained BTI generator."""
+    bti = None
+    if ALL_MODES[args.ft_mode].unlearn:
+
+        bti = BTISettings(pretrain_epochs=args.bti_pretrain_epochs, mask_epochs=args.bti_mask_epochs,
+                          gen_epochs=args.bti_gen_epochs, norm_bound=args.bti_norm_bound,
+                          feat_bound=args.bti_feat_bound, unet_width=args.bti_unet_width,
+                          generator_rounds=args.bti_generator_rounds, batch_size=args.batch_size,
+                          seed=args.random_seed, progress=args.progress)
+    return PurifySettings(epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size,
+                          momentum=args.momentum, weight_decay=args.wd, batch_cosine_tmax=args.batch_cosine_tmax,
+                          label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
+                          frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
+                          progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
+                          pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti,
+                          eval_every=args.eval_every, shared=shared)
+
+
+def tuning_set(labels, args: argparse.Namespace):
+    """The tuning indices a purification with these (settled) arguments used; RA draws the same."""
+    return tuning_indices(labels, args.split_ratio, args.random_seed, args.split_mode == "balanced")
+
+
+def format_table(before: dict, results: dict[str, dict]) -> str:
+    """Mode x (C-Acc, ASR, RA) before and after, in percent, plus DER."""
+    head = f"{'mode':<10} {'C-Acc':>7} {'ASR':>7} {'RA':>7}   {'C-Acc':>7} {'ASR':>7} {'RA':>7} {'DER':>6}"
+    lines = [f"{'':<10} {'before purification':^23}   {'after purification':^30}", head, "-" * len(head)]
+    pct = lambda v: f"{100 * v:7.2f}"  # noqa: E731
+    for mode, after in results.items():
+        lines.append(f"{mode:<10} {pct(before['clean_acc'])} {pct(before['asr'])} {pct(before['ra'])}   "
+                     f"{pct(after['clean_acc'])} {pct(after['asr'])} {pct(after['ra'])} {100 * der(before, after):6.2f}")
+    return "\n".join(lines)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    args = parse_args(argv)
+    modes = _settle_args(args)
+    folder = find_record(args.record_root, args.dataset, args.attack, args.pratio, args.attack_target, args.model)
+    staged = stage({m: defense_folder(folder, m, args.tag) for m in modes}, args.overwrite, "result")
+    with aborting(staged.values()):
+        return _run(args, modes, folder, staged)
+
+
+def _run(args, modes, folder, staged) -> dict[str, dict]:
+    record = load_record(folder)
+    check_record_matches(record, args, folder)
+    rt = start_runtime(args, record)
+    device, amp, exp, evaluate = rt.device, rt.amp, rt.exp, rt.evaluate
+    model = build_model_for(record["model_name"], exp.info, exp.pipeline.input_size)
+    load_state_dict_checked(model, record["model"], str(folder / RECORD_FILE))
+    models.get_head(model, args.linear_name)  # fail early on a bad --linear_name
+    model = engine.place_model(model, exp.pipeline, device)
+    before = evaluate(model)
+    print(f"record {folder}: {record['attack']} on {record['dataset']}/{record['model_name']}, pratio {record['pratio']}; "
+          f"device {device_name(device)}")
+    print(f"before purification: C-Acc {before['clean_acc']:.4f}  ASR {before['asr']:.4f}  RA {before['ra']:.4f}", flush=True)
+    results = {}
+    shared: dict = {}
+    for name in modes:
+        margs = mode_args(args, name)
+        tune_idx = tuning_set(exp.clean_train.labels, margs)
+        tune_images = exp.clean_train.images[tune_idx].to(device)
+        tune_labels = exp.clean_train.labels[tune_idx].to(device)
+        print(f"[{name}] tuning on {len(tune_idx)} clean images ({margs.split_mode}, split_ratio {margs.split_ratio}), "
+              f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")
+              + f", lr {margs.lr}, momentum {margs.momentum}", flush=True)
+        log = io.StringIO()
+        tee = _Tee(sys.stdout, log) if args.log else sys.stdout
+        start = time.perf_counter()
+        info: dict = {}
+        with contextlib.redirect_stdout(tee):
+            purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs, shared),
+                                    evaluate, amp, info)
+            for found in info.get("rounds", []):
+                print(f"[{name}] round {found['round']}: trigger inversion points to label {found['detected_target']} "
+                      f"({100 * found['target_share']:.1f}% of the synthesised images"
+                      + ("" if found["generator_trained"] else "; generator not retrained") + ")")
+            for row in rows:
+                print(f"[{name}] epoch {row['epoch']:2d}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
+                      f"C-Acc {row['clean_acc']:.4f}  ASR {row['asr']:.4f}  RA {row['ra']:.4f}")
+        after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else before
+        seconds = time.perf_counter() - start
+        final = finish_run(staged[name], {
+            "ft_mode": name, "record": record_label(record, folder),
+            "before": before, "after": after, "der": der(before, after),
+            "tuning_size": len(tune_idx), "tuning_digest": tensor_digest(tune_idx),
+            **({"inversion": info["rounds"]} if "rounds" in info else {}),
+            "seconds": round(seconds, 2), "device": device_name(device),
+        }, rows, run_arguments(margs), weights=purified.state_dict() if args.save else None,
+            log=log.getvalue() if args.log else None)
+        results[name] = after
+        print(f"{name}: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
+              f"DER {der(before, after):.4f}  -> {final}", flush=True)
+    print()
+    print(format_table(before, results))
+    return results

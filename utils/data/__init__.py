@@ -1,0 +1,1 @@
+"""Datasets: the registry of data sets and their loaders into uint8 tensors (`datasets`)."""

@@ -1,0 +1,116 @@
+"""The record layout: every folder and file name inside a record (docs/protocol.md §7). No
+other module spells them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.errors import UserError
+
+RECORD_FILE = "attack_result.pt"  # the victim: weights, trigger, poisoned indices, config (weights-only)
+FORMAT = "fst-toolkit-record"
+FORMAT_VERSION = 1
+
+# files written by every run (victim, purification, retuning, QRA) into its own folder
+CONFIG_FILE = "config.yaml"     # the resolved settings
+METRICS_FILE = "metrics.csv"    # one row per epoch / evaluation
+RESULT_FILE = "result.json"     # the final numbers; its presence marks the run as finished
+SUMMARY_FILE = "summary.json"   # the victim's final numbers (beside RECORD_FILE)
+MODEL_FILE = "model.pt"         # weights of a purified or retuned model
+LOG_FILE = "log.txt"            # the human-readable log
+CHECKPOINT_FILE = "checkpoint.pt"  # last finished epoch of an interrupted victim, inside the stage
+GENERATOR_FILE = "generator.pt"    # QRA's perturbation generator
+
+# folders
+DEFENSE_DIR = "defense"     # <record>/defense/<mode>[_<tag>]/
+RETUNE_DIR = "retune"       # <model folder>/retune[_<tag>]/
+QRA_DIR = "qra"             # <model folder>/qra[_<tag>]/
+LOGS_DIR = "logs"           # <record root>/logs/ (sweeps)
+RESOURCES_DIR = "resources"  # <record root>/resources/ (the resource cache)
+
+#: --defense_type of the unpurified model: the record's own weights (a clean model for pratio 0)
+NONE = "none"
+
+
+def format_pratio(pratio: float) -> str:
+    """As Python prints the float: 0.1, 0.01, 0.005, 0.0."""
+    return str(float(pratio))
+
+
+def record_name(pratio: float, target: int, model: str) -> str:
+    return f"pratio_{format_pratio(pratio)}-target_{target}-archi_{model}"
+
+
+def record_path(root: str | Path, dataset: str, attack: str, pratio: float, target: int, model: str) -> Path:
+    return Path(root) / dataset / attack / record_name(pratio, target, model)
+
+
+def existing_records(root: str | Path) -> list[str]:
+    """Relative paths of every record folder under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(str(p.parent.relative_to(root)) for p in root.glob(f"*/*/*/{RECORD_FILE}"))
+
+
+def find_record(root: str | Path, dataset: str, attack: str, pratio: float, target: int, model: str) -> Path:
+    """The record folder for these settings, or a UserError saying what was looked for and what exists."""
+    folder = record_path(root, dataset, attack, pratio, target, model)
+    if (folder / RECORD_FILE).is_file():
+        return folder
+    have = existing_records(root)
+    listing = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "") if have else "none"
+    raise UserError(f"no record at {folder}/{RECORD_FILE} (from --dataset {dataset} --attack {attack} "
+                    f"--pratio {pratio} --attack_target {target} --model {model}); records under {root}: {listing}")
+
+
+def tagged(name: str, tag: str) -> str:
+    """`name` or `name_tag`: how a tag distinguishes runs of the same kind in one folder."""
+    return f"{name}_{tag}" if tag else name
+
+
+def defense_folder(record_folder: str | Path, mode: str, tag: str = "") -> Path:
+    """<record>/defense/<mode>[_<tag>]/: one purification result."""
+    return Path(record_folder) / DEFENSE_DIR / tagged(mode, tag)
+
+
+def source_folder(record_folder: str | Path, defense_type: str) -> Path:
+    """The folder of a model under test: the record itself for `none`, else defense/<type>/."""
+    if defense_type == NONE:
+        return Path(record_folder)
+    if not defense_type or "/" in defense_type or defense_type.startswith("."):
+        raise UserError(f"--defense_type {defense_type!r} is not a folder name under {DEFENSE_DIR}/")
+    return defense_folder(record_folder, defense_type)
+
+
+def retune_folder(model_folder: str | Path, tag: str = "") -> Path:
+    """<model folder>/retune[_<tag>]/: a retuning attack on that model."""
+    return Path(model_folder) / tagged(RETUNE_DIR, tag)
+
+
+def qra_folder(model_folder: str | Path, tag: str = "") -> Path:
+    """<model folder>/qra[_<tag>]/: a query-based reactivation attack on that model."""
+    return Path(model_folder) / tagged(QRA_DIR, tag)
+
+
+def is_retune_folder(name: str) -> bool:
+    return name == RETUNE_DIR or name.startswith(RETUNE_DIR + "_")
+
+
+def is_qra_folder(name: str) -> bool:
+    return name == QRA_DIR or name.startswith(QRA_DIR + "_")
+
+
+def available_defenses(record_folder: str | Path) -> list[str]:
+    """Every defense/<type>/ of a record that holds saved weights."""
+    root = Path(record_folder) / DEFENSE_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob(f"*/{MODEL_FILE}") if not p.parent.name.startswith("."))
+
+
+def logs_folder(record_root: str | Path) -> Path:
+    return Path(record_root) / LOGS_DIR
+
+
+def resources_folder(record_root: str | Path) -> Path:
+    return Path(record_root) / RESOURCES_DIR

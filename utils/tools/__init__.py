@@ -1,0 +1,1 @@
+"""Tools around the pipeline: grids of runs (`sweep`) and the throughput benchmark (`bench`)."""

@@ -1,0 +1,516 @@
+"""Sweeps: grids of attack, purification and retuning jobs, run resumably.
+
+A job is one command line, the files it leaves when it has finished (`outputs`), the files it needs
+(`requires`) and its log. A sweep is a list of jobs; running it again skips every job whose outputs
+exist, so a killed sweep resumes where it stopped (an attack also resumes from its last epoch, the
+scripts themselves checkpoint). A failed job never stops the others; the end report names each
+failure with its log.
+
+Where jobs run:
+- `local` (default): a pool of worker slots on this machine, one job per slot. With GPUs, one slot per
+  GPU (`CUDA_VISIBLE_DEVICES` set per job, the job sees `cuda:0`); on a CPU, `--workers` processes
+  sharing the cores (`OMP_NUM_THREADS` = cores / workers).
+- `submitit`: the same job list handed to submitit (SLURM on a cluster, `--cluster local` runs the
+  jobs as local processes through submitit's own local executor, `debug` in this process). submitit
+  is an optional dependency: `pip install submitit`.
+
+Command line (the `sh/` scripts call it; `--dry_run` prints the job list with what is done):
+
+    python -m utils.sweep attacks --yaml_path config/attack/prototype/fmnist.yaml --attacks badnet blended \\
+        --pratios 0.1 0.01 --seeds 0 1 2 --record_root record/sweep
+    python -m utils.sweep purify --record_root record/sweep --modes all -- --epochs 10 --eval_every 5
+    python -m utils.sweep retune --record_root record/sweep --defenses fst ft
+
+Records of seed s live under <record_root>/seed_<s>/ (the record path itself has no seed), and each
+record is purified with tuning seed s (the victim and its purification vary together per repetition).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from utils.errors import UserError, run_cli
+from utils.defenses.purify import ALL_MODES, parse_modes
+from utils.record.layout import CONFIG_FILE, MODEL_FILE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder, format_pratio, logs_folder, record_name, resources_folder, retune_folder, source_folder
+from utils.config import REPO_ROOT
+
+REPO = REPO_ROOT
+DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
+SCRIPTS = {"blended_bypass": "blend_bypass"}  # attack name -> attack/<script>.py where they differ
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+    outputs: list[str]
+    log: str
+    requires: list[str] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return all(Path(p).is_file() for p in self.outputs)
+
+    def missing_inputs(self) -> list[str]:
+        return [p for p in self.requires if not Path(p).exists()]
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str          # skipped (done before) | ok | failed | blocked
+    seconds: float = 0.0
+    detail: str = ""
+
+
+# --- job lists ---------------------------------------------------------------------------------
+
+def attack_jobs(yaml_path: str, attacks: list[str], pratios: list[float], seeds: list[int], record_root: str,
+                extra: list[str] = (), model: str | None = None, target: int | None = None) -> list[Job]:
+    """One job per attack x pratio x seed: attack/<attack>.py with the prototype; seed s writes its
+    record under <record_root>/seed_<s>/."""
+    proto = _read_yaml(yaml_path)
+    dataset = proto.get("dataset")
+    model = model or proto.get("model")
+    target = proto.get("attack_target", 0) if target is None else target
+    if not dataset or not model:
+        raise UserError(f"{yaml_path}: the prototype must name a dataset and a model")
+    jobs = []
+    for attack in attacks:
+        script = REPO / "attack" / f"{SCRIPTS.get(attack, attack)}.py"
+        if not script.is_file():
+            raise UserError(f"unknown attack {attack!r}: no {script.relative_to(REPO)}")
+        for pratio in pratios:
+            if not 0.0 <= pratio < 1.0:
+                raise UserError(f"pratio must be within [0, 1), got {pratio}")
+            for seed in seeds:
+                root = Path(record_root) / f"seed_{seed}"
+                folder = root / dataset / attack / record_name(pratio, target, model)
+                argv = [sys.executable, str(script), "--yaml_path", yaml_path, "--pratio", format_pratio(pratio),
+                        "--random_seed", str(seed), "--record_root", str(root), "--resource_root",
+                        str(resources_folder(record_root)), "--model", model, "--attack_target", str(target),
+                        "--device", DEVICE, "--progress", "false", *extra]
+                jobs.append(Job(f"attack-{attack}-p{format_pratio(pratio)}-s{seed}", argv,
+                                [str(folder / RECORD_FILE), str(folder / SUMMARY_FILE)],
+                                str(logs_folder(record_root) / f"attack-{attack}-p{format_pratio(pratio)}-s{seed}.log")))
+    return jobs
+
+
+def find_records(record_root: str) -> list[tuple[Path, dict]]:
+    """Every attack record below `record_root` (at any depth), with its config.yaml."""
+    found = []
+    for marker in sorted(Path(record_root).rglob(RECORD_FILE)):
+        folder = marker.parent
+        if any(part.startswith(".") for part in folder.relative_to(record_root).parts):
+            continue  # a record still being written (StagedFolder's .partial folders)
+        cfg = _read_yaml(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+        if "attack" in cfg:
+            found.append((folder, cfg))
+    return found
+
+
+def _select(records, attacks, pratios, seeds):
+    for folder, cfg in records:
+        if attacks and cfg["attack"] not in attacks:
+            continue
+        if pratios and not any(abs(float(cfg["pratio"]) - p) < 1e-9 for p in pratios):
+            continue
+        if seeds and int(cfg.get("random_seed", 0)) not in seeds:
+            continue
+        yield folder, cfg
+
+
+def _record_flags(folder: Path, cfg: dict) -> list[str]:
+    root = folder.parents[2]
+    return ["--record_root", str(root), "--dataset", cfg["dataset"], "--model", cfg["model"], "--attack", cfg["attack"],
+            "--pratio", format_pratio(cfg["pratio"]), "--attack_target", str(cfg["attack_target"])]
+
+
+def _short(cfg: dict) -> str:
+    return f"{cfg['attack']}-p{format_pratio(cfg['pratio'])}-s{cfg.get('random_seed', 0)}"
+
+
+def purify_jobs(record_root: str, modes: list[str], extra: list[str] = (), tag: str = "", attacks=None, pratios=None,
+                seeds=None, logs: str | None = None) -> list[Job]:
+    """One ft.py job per record for the modes it still lacks (so one process loads the record once);
+    tuning seed = the record's seed."""
+    jobs = []
+    logs = Path(logs or logs_folder(record_root))
+    for folder, cfg in _select(find_records(record_root), attacks, pratios, seeds):
+        wanted = [m for m in modes if not (defense_folder(folder, m, tag) / RESULT_FILE).is_file()] or modes
+        argv = [sys.executable, str(REPO / "fine_tune" / "ft.py"), *_record_flags(folder, cfg), "--ft_mode", ",".join(wanted),
+                "--random_seed", str(cfg.get("random_seed", 0)), "--device", DEVICE, "--progress", "false", *extra]
+        if tag:
+            argv += ["--tag", tag]
+        name = f"purify-{_short(cfg)}" + (f"-{tag}" if tag else "")
+        jobs.append(Job(name, argv, [str(defense_folder(folder, m, tag) / RESULT_FILE) for m in modes],
+                        str(logs / f"{name}.log"), [str(folder / RECORD_FILE)]))
+    return jobs
+
+
+def retune_jobs(record_root: str, defenses: list[str], extra: list[str] = (), tag: str = "", attacks=None, pratios=None,
+                seeds=None, logs: str | None = None) -> list[Job]:
+    """One fine_tune/ft_poison.py job per record and defense (`none`: the unpurified model)."""
+    jobs = []
+    logs = Path(logs or logs_folder(record_root))
+    for folder, cfg in _select(find_records(record_root), attacks, pratios, seeds):
+        for defense in defenses:
+            source = source_folder(folder, defense)
+            out = retune_folder(source, tag) / RESULT_FILE
+            needs = [str(folder / RECORD_FILE)] + ([] if defense == "none" else [str(source / MODEL_FILE)])
+            argv = [sys.executable, str(REPO / "fine_tune" / "ft_poison.py"), *_record_flags(folder, cfg), "--defense_type",
+                    defense, "--device", DEVICE, "--progress", "false", *extra] + (["--tag", tag] if tag else [])
+            name = f"retune-{defense}-{_short(cfg)}" + (f"-{tag}" if tag else "")
+            jobs.append(Job(name, argv, [str(out)], str(logs / f"{name}.log"), needs))
+    return jobs
+
+
+def _read_yaml(path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no such file: {path}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def local_slots(workers: int | None, devices: str = "auto") -> list[tuple[str, dict]]:
+    """(device, extra environment) per worker: one per visible GPU when there are GPUs and the
+    device is auto/cuda, else `workers` CPU processes sharing the cores."""
+    if devices in ("auto", "cuda"):
+        gpus = _gpu_count()
+        if gpus:
+            n = min(workers or gpus, gpus)
+            return [("cuda:0", {"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(n)]
+        if devices == "cuda":
+            raise UserError("--devices cuda: no CUDA GPU is visible")
+        devices = "cpu"
+    if devices == "cpu":
+        n = workers or 1
+        threads = max(1, (os.cpu_count() or 1) // n)
+        return [("cpu", {"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}) for _ in range(n)]
+    ids = [d.strip() for d in devices.split(",") if d.strip()]  # explicit GPU ids, e.g. 0,1,3
+    if not all(i.isdigit() for i in ids):
+        raise UserError(f"--devices must be auto, cpu, cuda or GPU ids like 0,1; got {devices!r}")
+    return [("cuda:0", {"CUDA_VISIBLE_DEVICES": i}) for i in ids]
+
+
+def _gpu_count() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch / broken driver: run on CPUs
+        return 0
+
+
+def execute(job: Job, device: str, env: dict | None = None, running: dict | None = None) -> tuple[int, str]:
+    """Run one job now, output to its log; returns (exit status, one-line detail). `running`, when
+    given, holds the job's process while it runs (so an interrupted sweep can stop it). Module-level
+    so that submitit can pickle it by reference."""
+    log = Path(job.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [device if a == DEVICE else a for a in job.argv]
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    with open(log, "w") as out:
+        out.write(f"$ {shlex.join(argv)}\n")
+        out.flush()
+        # its own process group, so that stopping it also stops anything it started
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=full_env, start_new_session=True)
+        if running is not None:
+            running[job.name] = proc
+        try:
+            rc = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+        finally:
+            if running is not None:
+                running.pop(job.name, None)
+    if rc == 0 and not job.done():
+        missing = [p for p in job.outputs if not Path(p).is_file()]
+        return 1, f"exited 0 but did not write {missing[0]}"
+    return rc, "" if rc == 0 else f"exit status {rc}: {_last_line(log)}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if len(lines) > 1 else ""
+
+
+def _triage(jobs: list[Job]) -> tuple[list[Outcome], list[Job]]:
+    before, todo = [], []
+    for job in jobs:
+        (before.append(Outcome(job, "skipped")) if job.done() else todo.append(job))
+    return before, todo
+
+
+def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> list[Outcome]:
+    """Run the unfinished jobs, one per slot at a time. A job whose inputs are missing when its turn
+    comes (an earlier stage failed) is `blocked`, not run."""
+    outcomes, todo = _triage(jobs)
+    free = list(range(len(slots)))
+    lock = threading.Lock()
+    stopping = threading.Event()
+    running: dict[str, subprocess.Popen] = {}
+
+    def one(job: Job) -> Outcome:
+        if stopping.is_set():
+            return Outcome(job, "blocked", detail="sweep interrupted")
+        if job.done():
+            return Outcome(job, "skipped")
+        missing = job.missing_inputs()
+        if missing:
+            echo(f"-- {job.name}: blocked, missing {missing[0]}")
+            return Outcome(job, "blocked", detail=f"missing {missing[0]}")
+        with lock:
+            slot = free.pop()
+        device, env = slots[slot]
+        echo(f"-> {job.name} on {device}{' (GPU ' + env['CUDA_VISIBLE_DEVICES'] + ')' if env.get('CUDA_VISIBLE_DEVICES') else ''}"
+             f"   log: {job.log}", flush=True)
+        start = time.perf_counter()
+        try:
+            rc, detail = execute(job, device, env, running)
+        finally:
+            with lock:
+                free.append(slot)
+        seconds = time.perf_counter() - start
+        status = "ok" if rc == 0 else "failed"
+        echo(f"{'ok' if rc == 0 else 'FAILED'} {job.name} ({seconds:.0f} s){'' if rc == 0 else ': ' + detail}", flush=True)
+        return Outcome(job, status, seconds, detail)
+
+    pool = ThreadPoolExecutor(max_workers=len(slots))
+    futures = [pool.submit(one, job) for job in todo]
+    with _sigterm_as_interrupt():
+        try:
+            for f in futures:
+                outcomes.append(f.result())
+        except KeyboardInterrupt:
+            # Ctrl-C or kill: stop the running jobs (their partial outputs stay staged, so the next
+            # sweep redoes or resumes them) instead of waiting for them
+            stopping.set()
+            for f in futures:
+                f.cancel()
+            for proc in list(running.values()):
+                _stop(proc)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    pool.shutdown()
+    return outcomes
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the main thread, SIGTERM (plain `kill`) and SIGHUP stop the sweep like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def run_submitit(jobs: list[Job], folder: str, cluster: str | None, parameters: dict, device: str = "auto",
+                 echo=print) -> list[Outcome]:
+    """Hand the unfinished jobs to submitit as one job array and wait for them. `cluster` None lets
+    submitit choose (SLURM where sbatch exists, else local processes)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--executor submitit needs submitit: pip install submitit") from None
+    outcomes, todo = _triage(jobs)
+    blocked = [j for j in todo if j.missing_inputs()]
+    outcomes += [Outcome(j, "blocked", detail=f"missing {j.missing_inputs()[0]}") for j in blocked]
+    todo = [j for j in todo if j not in blocked]
+    if not todo:
+        return outcomes
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor.update_parameters(**parameters)
+    dev = "cpu" if device == "cpu" else ("cuda:0" if executor.cluster == "slurm" or device == "cuda" else _auto_device())
+    start = time.perf_counter()
+    submitted = executor.map_array(execute, todo, [dev] * len(todo))
+    echo(f"submitted {len(submitted)} jobs to submitit ({executor.cluster}); its logs: {folder}", flush=True)
+    for job, handle in zip(todo, submitted):
+        try:
+            rc, detail = handle.result()
+        except Exception as err:  # noqa: BLE001 - the cluster job itself died; keep collecting the others
+            rc, detail = 1, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        status = "ok" if rc == 0 else "failed"
+        echo(f"{'ok' if rc == 0 else 'FAILED'} {job.name}{'' if rc == 0 else ': ' + detail}", flush=True)
+        outcomes.append(Outcome(job, status, time.perf_counter() - start, detail))
+    return outcomes
+
+
+def _auto_device() -> str:
+    return "cuda:0" if _gpu_count() else "cpu"
+
+
+def report(outcomes: list[Outcome], seconds: float, echo=print) -> int:
+    """Print the end report; exit status 1 when any job failed or was blocked."""
+    count = {s: sum(o.status == s for o in outcomes) for s in ("skipped", "ok", "failed", "blocked")}
+    echo(f"sweep: {len(outcomes)} jobs in {seconds / 60:.1f} min: {count['ok']} ran, {count['skipped']} done before (skipped), "
+         f"{count['failed']} failed, {count['blocked']} blocked")
+    for o in outcomes:
+        if o.status in ("failed", "blocked"):
+            echo(f"  {o.status.upper()} {o.job.name}: {o.detail}\n    log: {o.job.log}")
+    return 1 if count["failed"] or count["blocked"] else 0
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m utils.sweep", description="Run a grid of attack / purification / retuning jobs, "
+                                "resumably (finished jobs are skipped), locally or through submitit.")
+    sub = p.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    c = common.add_argument
+    c("--record_root", required=True, help="root of the sweep's records (seed s under <root>/seed_<s>/)")
+    c("--attacks", nargs="+", default=None, help="attack names (purify/retune: filter; default all found)")
+    c("--pratios", nargs="+", type=float, default=None, help="poisoning ratios (purify/retune: filter)")
+    c("--seeds", nargs="+", type=int, default=None, help="seeds (attacks: default 0; purify/retune: filter)")
+    c("--executor", choices=("local", "submitit"), default="local", help="run here (default) or through submitit")
+    c("--workers", type=int, default=None, help="local: parallel jobs (default: one per GPU, else 1)")
+    c("--devices", default="auto", help="local: auto (GPUs if any, else CPU), cpu, cuda, or GPU ids like 0,1")
+    c("--cluster", default=None, help="submitit: slurm, local or debug (default: submitit's choice)")
+    c("--submitit_params", default="{}", help="submitit: JSON of executor parameters, e.g. "
+      "'{\"timeout_min\": 240, \"slurm_partition\": \"gpu\", \"gpus_per_node\": 1, \"slurm_array_parallelism\": 16}'")
+    c("--dry_run", action="store_true", help="print the jobs (done or to do) and their commands; run nothing")
+    c("--jobs_out", default=None, help="also write the job list as JSON lines (for any other scheduler)")
+    a = sub.add_parser("attacks", parents=[common], help="attack x pratio x seed victims").add_argument
+    a("--yaml_path", required=True, help="prototype YAML (dataset and training recipe)")
+    a("--model", default=None, help="model (default: the prototype's)")
+    a("--attack_target", type=int, default=None, help="target label (default: the prototype's)")
+    f = sub.add_parser("purify", parents=[common], help="ft.py on every record: modes x records").add_argument
+    f("--modes", default="all", help="all (the five FST modes), or a comma/space separated list")
+    f("--tag", default="", help="ft.py --tag")
+    r = sub.add_parser("retune", parents=[common], help="the retuning attack (ft_poison.py) on purified models").add_argument
+    r("--defenses", nargs="+", default=["fst"], help="defense types, `none` for the unpurified model (default fst)")
+    r("--tag", default="", help="ft_poison.py --tag")
+    j = sub.add_parser("jobs", parents=[common], help="a prepared job list (the sh/ recipes use it)").add_argument
+    j("--jobs_file", required=True, help="JSON lines, one job per line with name, argv, outputs, log and optionally "
+      "requires (what --jobs_out writes); '-' reads standard input. Jobs run in the file's order on each slot")
+    return p
+
+
+def load_jobs(path: str) -> list[Job]:
+    """Jobs from JSON lines; every line is checked before anything runs."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"--jobs_file {path}: {err.strerror or err}") from None
+    jobs, names = [], set()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected an object with name, argv, outputs, log")
+        missing = [k for k in ("name", "argv", "outputs", "log") if k not in data]
+        unknown = sorted(set(data) - {"name", "argv", "outputs", "log", "requires"})
+        if missing or unknown:
+            raise UserError(f"{where}: " + (f"missing {', '.join(missing)}" if missing else f"unknown key(s) {', '.join(unknown)}"))
+        lists = ("argv", "outputs", "requires")
+        if not isinstance(data["name"], str) or not isinstance(data["log"], str) or any(
+                not isinstance(data.get(k, []), list) or not all(isinstance(v, str) for v in data.get(k, [])) for k in lists):
+            raise UserError(f"{where}: name and log must be strings; argv, outputs and requires lists of strings")
+        if not data["argv"] or not data["outputs"]:
+            raise UserError(f"{where}: argv and outputs must not be empty (outputs say when the job is done)")
+        if data["name"] in names:
+            raise UserError(f"{where}: job name {data['name']!r} used twice")
+        names.add(data["name"])
+        jobs.append(Job(data["name"], data["argv"], data["outputs"], data["log"], data.get("requires", [])))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # everything after -- goes to each job's script
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be positive")
+    if args.stage == "attacks":
+        if not args.attacks or not args.pratios:
+            raise UserError("attacks: give --attacks and --pratios")
+        jobs = attack_jobs(args.yaml_path, args.attacks, args.pratios, args.seeds or [0], args.record_root, extra,
+                           args.model, args.attack_target)
+    elif args.stage == "purify":
+        modes = parse_modes(",".join(args.modes.replace(",", " ").split()))
+        jobs = purify_jobs(args.record_root, modes, extra, args.tag, args.attacks, args.pratios, args.seeds)
+    elif args.stage == "jobs":
+        jobs = load_jobs(args.jobs_file)
+    else:
+        for d in args.defenses:
+            if d != "none" and d not in ALL_MODES:
+                raise UserError(f"unknown defense {d!r}: none or one of {', '.join(ALL_MODES)}")
+        jobs = retune_jobs(args.record_root, args.defenses, extra, args.tag, args.attacks, args.pratios, args.seeds)
+    if not jobs:
+        raise UserError(f"no jobs: nothing under {args.record_root} matches" if args.stage in ("purify", "retune") else "no jobs")
+    if args.jobs_out:
+        Path(args.jobs_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.jobs_out).write_text("".join(json.dumps(asdict(j)) + "\n" for j in jobs))
+    if args.dry_run:
+        for job in jobs:
+            print(f"[{'done' if job.done() else 'todo'}] {job.name}: {shlex.join(job.argv)}")
+        return 0
+    start = time.perf_counter()
+    if args.executor == "local":
+        outcomes = run_local(jobs, local_slots(args.workers, args.devices))
+    else:
+        try:
+            params = json.loads(args.submitit_params)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--submitit_params is not valid JSON: {err}") from None
+        outcomes = run_submitit(jobs, str(Path(args.record_root) / "submitit"), args.cluster, params,
+                                "cpu" if args.devices == "cpu" else "auto")
+    return report(outcomes, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: sys.exit(main()))
