@@ -5,10 +5,11 @@
 #   bash sh/attacks_fmnist.sh                 # all of them, into record/attacks_fmnist/
 #   bash sh/attacks_fmnist.sh badnet lc       # only these (the clean model is named "clean")
 #   RECORD_ROOT=/tmp/r DEVICE=cuda:0 bash sh/attacks_fmnist.sh
+#   SWEEP_ARGS=--dry_run bash sh/attacks_fmnist.sh          # list the steps, done or to do; run nothing
 #
-# A finished record is kept and skipped; a killed run resumes from its last epoch. Each run's
-# output goes to <record_root>/logs/<name>.log. Generated resources (surrogates, PGD images,
-# encoders) are cached under <record_root>/resources/.
+# Runs on `python -m utils.sweep jobs`: a finished record is kept and skipped; a killed run resumes
+# from its last epoch. Each run's output goes to <record_root>/logs/<name>.log. Generated resources
+# (surrogates, PGD images, encoders) are cached under <record_root>/resources/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -16,9 +17,10 @@ ROOT=${RECORD_ROOT:-record/attacks_fmnist}
 DEVICE=${DEVICE:-auto}
 PROTO=config/attack/prototype/fmnist.yaml
 mkdir -p "$ROOT/logs"
+. sh/_jobs.sh
 
 # name | script | record attack name | extra flags (the reason for each is in the README)
-JOBS=(
+RECIPES=(
   "clean|badnet|badnet|--pratio 0"
   "badnet|badnet|badnet|"
   "blended|blended|blended|"
@@ -35,25 +37,19 @@ JOBS=(
 selected=("$@")
 want() { [ ${#selected[@]} -eq 0 ] && return 0; for s in "${selected[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
-failed=()
-for job in "${JOBS[@]}"; do
-  IFS='|' read -r name script attack flags <<<"$job"
+for recipe in "${RECIPES[@]}"; do
+  IFS='|' read -r name script attack flags <<<"$recipe"
   want "$name" || continue
   pratio=0.1; [ "$name" = clean ] && pratio=0.0
-  if [ -f "$ROOT/fmnist/$attack/pratio_$pratio-target_0-archi_smallcnn/attack_result.pt" ]; then
-    echo "== $name: record exists, skipped"; continue
-  fi
-  echo "== $name: python attack/$script.py --yaml_path $PROTO $flags   (log: $ROOT/logs/$name.log)"
+  rec="$ROOT/fmnist/$attack/pratio_$pratio-target_0-archi_smallcnn"
   # shellcheck disable=SC2086
-  if ! "$PYTHON" "attack/$script.py" --yaml_path "$PROTO" --device "$DEVICE" --record_root "$ROOT" \
-       --resource_root "$ROOT/resources" --progress false $flags >"$ROOT/logs/$name.log" 2>&1; then
-    echo "   FAILED, see $ROOT/logs/$name.log"; failed+=("$name")
-  else
-    tail -n 2 "$ROOT/logs/$name.log" | head -n 1
-  fi
+  job "$name" "$rec/attack_result.pt,$rec/summary.json" - "$PYTHON" "attack/$script.py" --yaml_path "$PROTO" \
+    --device "$DEVICE" --record_root "$ROOT" --resource_root "$ROOT/resources" --progress false $flags
 done
+status=0
+run_jobs || status=$?
 
-"$PYTHON" - "$ROOT" <<'EOF'
+"$PYTHON" - "$ROOT" <<'PY'
 import json, sys
 from pathlib import Path
 root = Path(sys.argv[1])
@@ -64,5 +60,5 @@ for summary in sorted(root.glob("fmnist/*/pratio_*-target_0-archi_smallcnn/summa
     name = "none (clean model)" if float(pratio) == 0 else attack
     print(f"| {name} | {pratio} | {100 * s['clean_acc']:.2f} | {100 * s['asr']:.2f} | {100 * s['ra']:.2f} | "
           f"{s['epochs']} | {s['seconds'] / 60:.1f} |")
-EOF
-if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}" >&2; exit 1; fi
+PY
+exit $status

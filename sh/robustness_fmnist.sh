@@ -11,13 +11,15 @@
 #   UNLEARN_EPOCHS=10 BTI_ARGS="--split_ratio 0.02 --bti_unet_width 8 --bti_pretrain_epochs 10 --bti_mask_epochs 5
 #     --bti_gen_epochs 10" QRA_ARGS="--epochs 10" QRA_MODES="fst pam" MODES="ft fst ft-sam bti pam" bash sh/robustness_fmnist.sh
 #   RECORD_ROOT=/tmp/r DEVICE=cuda:0 bash sh/robustness_fmnist.sh
+#   SWEEP_ARGS=--dry_run bash sh/robustness_fmnist.sh          # list the steps, done or to do; run nothing
 #
 # Defaults are the official protocol: BTI/PAM 3 rounds x 30 epochs on 5% with the official BTI-DBF
 # inversion (UNLEARN_EPOCHS, BTI_ARGS change it); victims trained 15 epochs with a cosine schedule
 # on 10k images (ATTACK_ARGS). Finished steps are skipped, so a killed run is resumed by starting it
-# again; a failed step is reported at the end with its log, and the others still run.
+# again; a failed step is reported at the end with its log, and the others still run (a step whose
+# input a failed step should have made is reported as blocked). Runs on `python -m utils.sweep jobs`.
 # Logs: <record_root>/logs/.
-set -uo pipefail
+set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 ROOT=${RECORD_ROOT:-record/robustness_fmnist}
@@ -34,33 +36,23 @@ read -r -a QRA_MODES <<<"${QRA_MODES:-${MODES[*]}}"
 PROTO=config/attack/prototype/fmnist.yaml
 COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
 mkdir -p "$ROOT/logs"
-failed=()
-
-# run <log name> <marker file that says the step is done> <command...>
-run() {
-  local name=$1 done_file=$2; shift 2
-  if [ -f "$done_file" ]; then echo "== $name: done before, skipped"; return 0; fi
-  echo "== $name   (log: $ROOT/logs/$name.log)  $(date -u +%H:%M:%S)"
-  if ! "$@" >"$ROOT/logs/$name.log" 2>&1; then
-    echo "   FAILED, see $ROOT/logs/$name.log"; failed+=("$name"); return 1
-  fi
-}
+. sh/_jobs.sh
 
 record() { echo "$ROOT/fmnist/$1/pratio_$2-target_0-archi_smallcnn"; }
 # RA with n poisoned samples writes retune/ for the first count and retune_p<n>/ for the others
 ra_tag() { [ "$1" = "${POISON_NUMS[0]}" ] && echo "" || echo "p$1"; }
 ra_dir() { local t; t=$(ra_tag "$1"); [ -z "$t" ] && echo retune || echo "retune_$t"; }
-retune() {  # retune <name> <folder holding the model> <pratio> <defense>
-  local name=$1 base=$2 pratio=$3 defense=$4 n
+retune() {  # retune <name> <folder holding the model> <model file> <pratio> <defense>
+  local name=$1 base=$2 model=$3 pratio=$4 defense=$5 n
   for n in "${POISON_NUMS[@]}"; do
-    run "$name-ra$n" "$base/$(ra_dir "$n")/result.json" \
+    job "$name-ra$n" "$base/$(ra_dir "$n")/result.json" "$model" \
       "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio "$pratio" --defense_type "$defense" \
       --poison_num "$n" --tag "$(ra_tag "$n")"
   done
 }
-
 victim() {  # victim <attack> <pratio>
-  run "attack-$1-$2" "$(record "$1" "$2")/attack_result.pt" \
+  local rec; rec=$(record "$1" "$2")
+  job "attack-$1-$2" "$rec/attack_result.pt" - \
     "$PYTHON" "attack/$1.py" --yaml_path "$PROTO" --pratio "$2" --record_root "$ROOT" --device "$DEVICE" \
     --progress false "${ATTACK_ARGS[@]}"
 }
@@ -73,36 +65,37 @@ for attack in "${ATTACKS[@]}"; do
   for mode in "${MODES[@]}"; do
     case $mode in
       bti|pam) [ -f "$rec/defense/$mode/result.json" ] || unlearn+=("$mode");;
-      *) run "$attack-$mode" "$rec/defense/$mode/result.json" \
+      *) job "$attack-$mode" "$rec/defense/$mode/result.json" "$rec/attack_result.pt" \
            "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode";;
     esac
   done
   if [ ${#unlearn[@]} -gt 0 ]; then
     joined=$(IFS=,; echo "${unlearn[*]}")
-    run "$attack-${joined/,/-}" "$rec/defense/${unlearn[-1]}/result.json" \
+    outs=$(for m in "${unlearn[@]}"; do printf '%s,' "$rec/defense/$m/result.json"; done)
+    job "$attack-${joined/,/-}" "${outs%,}" "$rec/attack_result.pt" \
       "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$joined" \
       --epochs "$UNLEARN_EPOCHS" --eval_every 10 "${BTI_ARGS[@]}"
   fi
   for mode in "${MODES[@]}"; do
-    [ -f "$rec/defense/$mode/model.pt" ] && retune "$attack-$mode" "$rec/defense/$mode" 0.1 "$mode"
+    retune "$attack-$mode" "$rec/defense/$mode" "$rec/defense/$mode/model.pt" 0.1 "$mode"
   done
-  retune "$attack-none" "$rec" 0.1 none
+  retune "$attack-none" "$rec" "$rec/attack_result.pt" 0.1 none
   victim "$attack" 0.0  # the clean model: RA baseline and QRA's clean reference
-  retune "$attack-clean" "$(record "$attack" 0.0)" 0.0 none
+  clean=$(record "$attack" 0.0)
+  retune "$attack-clean" "$clean" "$clean/attack_result.pt" 0.0 none
   if [ "$QRA" = 1 ]; then
     for mode in "${QRA_MODES[@]}"; do
-      [ -f "$rec/defense/$mode/retune/model.pt" ] || continue
-      run "$attack-$mode-qra" "$rec/defense/$mode/qra/result.json" \
+      job "$attack-$mode-qra" "$rec/defense/$mode/qra/result.json" "$rec/defense/$mode/retune/model.pt,$clean/attack_result.pt" \
         "$PYTHON" fine_tune/qra.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --defense_type "$mode" "${QRA_ARGS[@]}"
     done
   fi
 done
+status=0
+run_jobs || status=$?
 
 tags=()
 for n in "${POISON_NUMS[@]}"; do tags+=("$(ra_tag "$n")"); done
 qra_flag=(); [ "$QRA" = 1 ] && qra_flag=(--qra)
 "$PYTHON" -m utils.robustness_table "$ROOT" --dataset fmnist --model smallcnn --attacks "${ATTACKS[@]}" \
   --retune_tags "${tags[@]}" "${qra_flag[@]}"
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "failed steps: ${failed[*]}"; exit 1
-fi
+exit $status
