@@ -1,0 +1,75 @@
+"""One configuration system for the record commands: ft.py, ft_poison.py and qra.py take their
+settings from the Option schema, with an optional `--yaml_path` layer under the flags, and the YAML
+files under config/defense/ and config/robustness/ state the defaults they claim."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils.commands import finetune
+from utils.config import load_yaml
+from utils.defenses.purify import ALL_MODES
+from utils.errors import UserError
+from utils.robustness import qra, retune
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ["--dataset", "cifar10", "--attack", "badnet", "--model", "smallcnn"]
+
+
+def test_every_mode_has_a_yaml_and_it_states_the_defaults():
+    for name in ALL_MODES:
+        path = ROOT / "config" / "defense" / f"{name}.yaml"
+        assert path.is_file(), f"no config/defense/{name}.yaml"
+        from_yaml = finetune.mode_args(finetune.parse_args([*RECORD, "--yaml_path", str(path)]), name)
+        default = finetune.mode_args(finetune.parse_args([*RECORD, "--ft_mode", name]), name)
+        keys = load_yaml(path, finetune.options())
+        assert keys["ft_mode"] == name
+        for key in keys:
+            assert getattr(from_yaml, key) == getattr(default, key), f"{path.name}: {key}"
+
+
+@pytest.mark.parametrize("module,name", [(retune, "retune"), (qra, "qra")])
+def test_robustness_yamls_state_the_defaults(module, name):
+    path = ROOT / "config" / "robustness" / f"{name}.yaml"
+    keys = load_yaml(path, module.options())
+    from_yaml = module.parse_args([*RECORD, "--yaml_path", str(path)])
+    default = module.parse_args(RECORD)
+    for key, value in keys.items():
+        expected = getattr(default, key)
+        if name == "retune" and expected is None:  # the shared split's values when none are given
+            expected = {"random_seed": retune.SHARED_SEED, "split_ratio": retune.SHARED_SPLIT_RATIO}[key]
+        assert getattr(from_yaml, key) == value == expected, key
+
+
+def test_flags_win_over_the_yaml_and_the_yaml_over_defaults(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("epochs: 3\nlr: 0.5\nsave: false\nft_mode: lp\n")
+    args = finetune.parse_args([*RECORD, "--yaml_path", str(path), "--lr", "0.1"])
+    assert (args.epochs, args.lr, args.save, args.ft_mode) == (3, 0.1, False, "lp")
+    assert args.yaml_path == str(path)
+    bare = finetune.parse_args([*RECORD, "--save", "--log"])  # bare switches keep their meaning
+    assert bare.save is True and bare.log is True and finetune.parse_args(RECORD).log is False
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epoch: 3\n", "unknown key(s) epoch; valid keys:"),
+    ("epochs: three\n", "epochs must be an integer, got 'three'"),
+    ("norm_proj: most\n", "norm_proj must be one of all, fst, none"),
+    ("overwrite: true\n", "unknown key(s) overwrite"),  # replacing results stays a deliberate flag
+    ("- a\n", "expected a mapping"),
+])
+def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        finetune.parse_args([*RECORD, "--yaml_path", str(path)])
+
+
+def test_missing_yaml_and_bad_flag_values_are_errors(tmp_path):
+    with pytest.raises(UserError, match="settings YAML"):
+        finetune.parse_args([*RECORD, "--yaml_path", str(tmp_path / "none.yaml")])
+    with pytest.raises(UserError, match="--epochs: epochs must be an integer"):
+        retune.parse_args([*RECORD, "--epochs", "x"])
+    with pytest.raises(UserError, match="generator_input must be one of"):
+        qra.parse_args([*RECORD, "--generator_input", "raw"])
