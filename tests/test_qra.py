@@ -17,7 +17,7 @@ from utils import engine
 from utils.errors import UserError, run_cli
 from utils.data.datasets import ImageSet
 from utils.attacks.poison import BackdoorTestSet, PoisonedTrainSet
-from utils.robustness.qra import (AttackSamples, FrozenModel, PerturbationGenerator, QRASettings, build_parser,
+from utils.robustness.qra import (AttackSamples, FrozenModel, PerturbationGenerator, QRASettings, parse_args,
                                   draw_samples, evaluate, main, train_generator)
 from utils.record.store import clean_state_dict, load_record, save_torch
 
@@ -85,7 +85,7 @@ def test_default_generator_is_the_official_mlp_on_the_normalised_image():
         pixels = PerturbationGenerator(shape, eps=EPS, seed=0)
         assert not torch.allclose(pixels(x), gen(x), atol=1e-4)
     assert "mean" not in gen.state_dict()  # the statistics come from the dataset, not the checkpoint
-    args = build_parser().parse_args([])
+    args = parse_args([])
     assert (args.hidden, args.generator_input, args.poison_source) == ("1024,1024,1024", "normalised", "record")
 
 

@@ -201,7 +201,7 @@ def test_ft_sam_backdoorbench_preset_fills_its_settings_and_flags_win():
     from utils.commands import finetune
 
     def settle(*extra):
-        args = finetune.build_parser().parse_args(["--dataset", "cifar10", "--ft_mode", "ft-sam", *extra])
+        args = finetune.parse_args(["--dataset", "cifar10", "--ft_mode", "ft-sam", *extra])
         return finetune.mode_args(args, "ft-sam")
 
     ours = settle()
@@ -217,7 +217,7 @@ def test_ft_sam_backdoorbench_preset_fills_its_settings_and_flags_win():
                                -(target * F.log_softmax(logits, 1)).sum(1).mean())
     assert settle("--ft_sam_preset", "backdoorbench", "--epochs", "7", "--wd", "0").epochs == 7
     assert settle("--ft_sam_preset", "backdoorbench", "--wd", "0").wd == 0.0
-    fst = finetune.mode_args(finetune.build_parser().parse_args(["--dataset", "cifar10", "--ft_sam_preset",
+    fst = finetune.mode_args(finetune.parse_args(["--dataset", "cifar10", "--ft_sam_preset",
                                                                  "backdoorbench"]), "fst")
     assert (fst.batch_size, fst.wd, fst.batch_cosine_tmax) == (128, 0.0, 0)
 

@@ -283,13 +283,8 @@ def plot_curves(record_folder: str | Path, out: str | Path, modes: Sequence[str]
 # --- 3. t-SNE of penultimate features ------------------------------------------------------------
 
 def _features(model, images: torch.Tensor, pipeline, amp: torch.dtype | None, batch_size: int = 256) -> torch.Tensor:
-    """Penultimate features (N, D) in float32, eval mode, no gradients."""
-    model.eval()
-    out = []
-    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
-        for start in range(0, len(images), batch_size):
-            out.append(model.features(pipeline.eval_batch(images[start:start + batch_size])).float().flatten(1))
-    return torch.cat(out)
+    """Penultimate features (N, D) in float32."""
+    return engine.batched(model, images, pipeline, lambda net, x: net.features(x).float().flatten(1), batch_size, amp)
 
 
 def _class_colours(num_classes: int):
@@ -427,7 +422,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     elif args.command == "curves":
         written = [plot_curves(args.record_folder, args.out, args.modes, args.tag)]
     else:
-
         device = engine.resolve_device(args.device)
         out = plot_tsne(args.record_folder, args.out, args.modes, args.n, args.seed, device, args.dataset_path,
                         amp=engine.amp_dtype(args.amp, device), progress=args.progress)

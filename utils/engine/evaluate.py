@@ -1,6 +1,8 @@
 """The one evaluator: predictions in large batches under inference mode, and C-Acc / ASR / RA."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -16,19 +18,29 @@ def eval_batch_size(requested: int, device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, pipeline: Pipeline, batch_size: int = 0,
-            amp: torch.dtype | None = None) -> torch.Tensor:
-    """Predicted labels for a uint8 image tensor, in eval mode, in large batches."""
+def batched(model: nn.Module, images: torch.Tensor, pipeline: Pipeline, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+            batch_size: int = 0, amp: torch.dtype | None = None,
+            make_batch: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """`fn(model, batch)` over a uint8 image tensor in large batches, in eval mode without gradients,
+    concatenated: the one place where evaluation batches are made. The batch is the pipeline's
+    normalised one, or `make_batch(uint8 chunk)` (QRA perturbs the images before normalising)."""
     batch_size = eval_batch_size(batch_size, images.device)
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = pipeline.eval_batch(images[start:start + batch_size])
+        chunk = images[start:start + batch_size]
+        x = make_batch(chunk) if make_batch is not None else pipeline.eval_batch(chunk)
         with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
-            out.append(model(x).argmax(1))
+            out.append(fn(model, x))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images.device)
+
+
+def predict(model: nn.Module, images: torch.Tensor, pipeline: Pipeline, batch_size: int = 0,
+            amp: torch.dtype | None = None) -> torch.Tensor:
+    """Predicted labels for a uint8 image tensor."""
+    return batched(model, images, pipeline, lambda net, x: net(x).argmax(1), batch_size, amp)
 
 
 def backdoor_metrics(model: nn.Module, pipeline: Pipeline, clean_images: torch.Tensor, clean_labels: torch.Tensor,

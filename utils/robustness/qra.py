@@ -142,21 +142,21 @@ class FrozenModel:
         return out.float()
 
 
-@torch.no_grad()
 def predict(net: FrozenModel, images_u8: torch.Tensor, generator: PerturbationGenerator | None = None,
             batch_size: int = 0, amp: torch.dtype | None = None) -> torch.Tensor:
     """Predicted labels for uint8 images, perturbed by `generator` when given."""
-    batch_size = engine.eval_batch_size(batch_size, images_u8.device)
     if generator is not None:
         generator.eval()
-    out = []
-    for start in range(0, len(images_u8), batch_size):
-        x = images_u8[start:start + batch_size].float() / 255.0
+
+    def perturbed(chunk: torch.Tensor) -> torch.Tensor:
+        x = chunk.float() / 255.0
         if generator is not None:
             with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
                 x = generator.perturb(x)
-        out.append(net.logits(x, amp).argmax(1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images_u8.device)
+        return net.pipeline.float_batch(x)
+
+    return engine.batched(net.model, images_u8, net.pipeline, lambda model, z: model(z).argmax(1), batch_size, amp,
+                          make_batch=perturbed)
 
 
 def evaluate(net: FrozenModel, clean_test: ImageSet, bd_test, clean_targets: torch.Tensor,
