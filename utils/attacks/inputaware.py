@@ -200,19 +200,12 @@ def density_loss(mask: torch.Tensor, density: float) -> torch.Tensor:
     return F.relu(mask - density).mean()
 
 
-def _seeded_init(factory, seed: int, purpose: str) -> nn.Module:
-    """Build a network from a derived seed without touching the global random stream."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(engine.derive_seed(seed, purpose))
-        return factory()
-
-
 def init_generator(channels: int, width: int, seed: int, depth: int = 3, norm: str = "batch") -> PatternGenerator:
-    return _seeded_init(lambda: PatternGenerator(channels, width, depth, norm), seed, "inputaware-generator-init")
+    return engine.seeded_init(lambda: PatternGenerator(channels, width, depth, norm), seed, "inputaware-generator-init")
 
 
 def init_mask(channels: int, width: int, seed: int, depth: int = 3, norm: str = "batch") -> MaskGenerator:
-    return _seeded_init(lambda: MaskGenerator(channels, width, depth, norm), seed, "inputaware-mask-init")
+    return engine.seeded_init(lambda: MaskGenerator(channels, width, depth, norm), seed, "inputaware-mask-init")
 
 
 def net_arch(params: dict[str, Any]) -> dict[str, Any]:

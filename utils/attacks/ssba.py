@@ -189,9 +189,8 @@ def train_pair(images: torch.Tensor, bits: int, steps: int, batch_size: int, lr:
     _, channels, h, w = images.shape
     if h != w:
         raise UserError(f"SSBA expects square images, got {h}x{w}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(engine.derive_seed(seed, "ssba-init"))
-        encoder, decoder = Encoder(channels, h, bits, width), Decoder(channels, bits)
+    encoder, decoder = engine.seeded_init(lambda: (Encoder(channels, h, bits, width), Decoder(channels, bits)),
+                                          seed, "ssba-init")
     encoder, decoder = encoder.to(device), decoder.to(device)
     opt = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=lr)
     gen = torch.Generator(device="cpu").manual_seed(engine.derive_seed(seed, "ssba-batches"))

@@ -2,6 +2,8 @@
 threads, and the helpers that make results portable (weights to the CPU, versions)."""
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import os
 import platform
 import random
@@ -14,6 +16,7 @@ import torch
 
 from utils.errors import UserError
 
+T = TypeVar("T")
 _warned_cpu_fallback = False
 
 
@@ -107,3 +110,11 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
+
+
+def seeded_init(factory: Callable[[], T], seed: int, purpose: str) -> T:
+    """Build something random (a network's initial weights) from a seed derived for `purpose`,
+    without touching the global random stream: the one way to seed-initialise a network."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, purpose))
+        return factory()
