@@ -415,3 +415,12 @@ def test_tuning_indices_selecting_nothing_is_a_user_error():
 ])
 def test_der(before, after, expected):
     assert der(before, after) == pytest.approx(expected, abs=1e-12)
+
+
+def test_every_mode_carries_its_title_and_tables_use_it():
+    from utils.analysis.results import MODE_NAMES
+    from utils.defenses.purify import ALL_MODES
+
+    for name, mode in ALL_MODES.items():
+        assert mode.title and MODE_NAMES[name] == mode.title
+    assert {n for n, m in ALL_MODES.items() if m.fst} == set(MODES) == {"ft", "lp", "fe-tuning", "ft-init", "fst"}

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from utils.attacks import triggers
+from utils.analysis.results import attack_name
 from utils.attacks.registry import ATTACKS, get_attack, make_trigger
 from utils.data.datasets import DatasetInfo, dataset_info
 from utils.victim.experiment import attack_options
@@ -430,3 +431,10 @@ def test_every_attack_keeps_dtype_shape_and_is_deterministic(name, train):
     assert out.dtype == torch.uint8 and out.shape == images.shape
     assert torch.equal(out, spec.apply(images.clone(), params, train)), "same input, same trigger, different output"
     assert not torch.equal(out, images), "the trigger changed nothing"
+
+
+def test_every_attack_carries_its_title_and_tables_use_it():
+    for name, spec in ATTACKS.items():
+        assert spec.title, f"{name} has no title"
+        assert attack_name(name) == spec.title
+    assert attack_name("not-registered") == "not-registered"

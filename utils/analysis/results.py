@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from utils.errors import UserError, run_cli
+from utils.attacks.registry import ATTACKS
 from utils.defenses.purify import ALL_MODES, MODES
 from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, RESULT_FILE, SUMMARY_FILE, format_pratio, is_qra_folder, is_retune_folder
 from utils.record.store import write_text
@@ -38,9 +39,6 @@ INT_COLUMNS = {"target", "seed", "tune_seed", "epochs", "n"}
 PRATIO_TOL = 1e-9
 NONE = "none"
 MODE_NAMES = {NONE: "No defense", **{name: mode.title for name, mode in ALL_MODES.items()}}
-ATTACK_NAMES = {"badnet": "BadNet", "blended": "Blended", "sig": "SIG", "lc": "LC", "ssba": "SSBA", "lf": "LF",
-                "inputaware": "Input-aware", "wanet": "WaNet", "badnet_bypass": "BadNet-bypass",
-                "blended_bypass": "Blended-bypass"}
 
 
 class _Unusable(Exception):
@@ -288,7 +286,7 @@ def mode_name(mode: str, tag: str = "") -> str:
 
 
 def attack_name(attack: str) -> str:
-    return ATTACK_NAMES.get(attack, attack)
+    return ATTACKS[attack].title if attack in ATTACKS and ATTACKS[attack].title else attack
 
 
 def _cell(entry: dict | None, metric: str, max_n: int, bold: bool = False) -> str:

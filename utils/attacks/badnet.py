@@ -20,7 +20,7 @@ def _badnet_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Te
 
 
 BADNET = register_attack(AttackSpec(
-    name="badnet",
+    name="badnet", title="BadNet",
     options=[
         Option("patch", str, "square", "BadNet trigger shape", choices=triggers.BADNET_PATTERNS),
         Option("patch_size", int, 3, "trigger side in pixels at 32 px (scaled with the image)"),

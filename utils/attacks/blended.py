@@ -24,7 +24,7 @@ def _blended_apply(images: torch.Tensor, params: Params, train: bool) -> torch.T
 
 
 BLENDED = register_attack(AttackSpec(
-    name="blended",
+    name="blended", title="Blended",
     options=[
         Option("blend_alpha", float, 0.2, "blend weight of the trigger image in poisoned training images"),
         Option("blend_alpha_test", float, 0.2, "blend weight at test time"),

@@ -69,7 +69,7 @@ def bypass_hooks(cfg: dict, model: nn.Module, exp):
 
 
 def _with_bypass(base: AttackSpec, name: str) -> AttackSpec:
-    return AttackSpec(name=name, options=base.options + BYPASS_OPTIONS, build=base.build, apply=base.apply,
+    return AttackSpec(name=name, title=f"{base.title}-bypass", options=base.options + BYPASS_OPTIONS, build=base.build, apply=base.apply,
                       clean_label=base.clean_label, training=bypass_hooks,
                       description=f"{base.name} trigger + adversarial-embedding regulariser against a feature discriminator")
 

@@ -553,7 +553,7 @@ def inputaware_hooks(cfg: dict, model, exp) -> TrainingHooks:
 
 
 register_attack(AttackSpec(
-    name="inputaware", options=INPUTAWARE_OPTIONS, build=inputaware_build, apply=inputaware_apply,
+    name="inputaware", title="Input-aware", options=INPUTAWARE_OPTIONS, build=inputaware_build, apply=inputaware_apply,
     prepare=inputaware_prepare, training=inputaware_hooks, batch_poisoning=True,
     description="input-specific trigger pattern (generator) placed by a pre-trained mask network, learnt jointly "
                 "with the classifier, with cross-trigger samples",

@@ -164,7 +164,7 @@ def _prepare(ctx) -> dict:
 
 
 LC = register_attack(AttackSpec(
-    name="lc", options=LC_OPTIONS, build=_build, apply=_apply, clean_label=True, prepare=_prepare,
+    name="lc", title="LC", options=LC_OPTIONS, build=_build, apply=_apply, clean_label=True, prepare=_prepare,
     train_apply=_train_apply,
     description="clean-label: target-class images replaced by PGD images against a surrogate, "
                 "+-255 3x3 patterns in the four corners",

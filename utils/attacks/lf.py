@@ -148,7 +148,7 @@ def _prepare(ctx) -> dict:
 
 
 LF = register_attack(AttackSpec(
-    name="lf", options=LF_OPTIONS, build=_build, apply=_apply, prepare=_prepare,
+    name="lf", title="LF", options=LF_OPTIONS, build=_build, apply=_apply, prepare=_prepare,
     description="additive universal low-frequency pattern (targeted UAP against a surrogate, DCT low-pass, "
                 "L-inf bound), clipped",
 ))

@@ -24,6 +24,7 @@ class AttackSpec:
     #: (uint8 images, params, train?) -> uint8 images; `train` selects train- vs test-time trigger
     apply: Callable[[torch.Tensor, Params, bool], torch.Tensor]
     clean_label: bool = False
+    title: str = ""  # the name tables and figures print (default: the registry name)
     description: str = ""
     #: for attacks that act inside the training step (Bypass, ...): (config, model, experiment) ->
     #: TrainingHooks; None trains with plain cross-entropy on the poisoned set

@@ -19,7 +19,7 @@ def _sig_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tenso
 
 
 SIG = register_attack(AttackSpec(
-    name="sig",
+    name="sig", title="SIG",
     options=[
         Option("sig_delta", float, 40.0, "amplitude of the sinusoid in pixel units (0..255)"),
         Option("sig_f", float, 6.0, "number of periods across the image width"),

@@ -380,6 +380,6 @@ def ssba_apply(images: torch.Tensor, params: dict[str, Any], train: bool) -> tor
 
 
 register_attack(AttackSpec(
-    name="ssba", options=SSBA_OPTIONS, build=ssba_build, apply=ssba_apply, prepare=ssba_prepare,
+    name="ssba", title="SSBA", options=SSBA_OPTIONS, build=ssba_build, apply=ssba_apply, prepare=ssba_prepare,
     description="dirty-label: each poisoned image replaced by its StegaStamp-style encoding of one fixed bit string",
 ))

@@ -189,7 +189,7 @@ def _wanet_build(cfg: dict, info: DatasetInfo) -> Params:
 
 
 register_attack(AttackSpec(
-    name="wanet", options=WANET_OPTIONS, build=_wanet_build,
+    name="wanet", title="WaNet", options=WANET_OPTIONS, build=_wanet_build,
     apply=lambda images, params, train: apply_uint8(images, params["grid"]),
     training=wanet_hooks, batch_poisoning=True,
     description="fixed smooth warping field applied inside each batch, with noise-mode samples",
