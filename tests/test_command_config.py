@@ -73,3 +73,14 @@ def test_missing_yaml_and_bad_flag_values_are_errors(tmp_path):
         retune.parse_args([*RECORD, "--epochs", "x"])
     with pytest.raises(UserError, match="generator_input must be one of"):
         qra.parse_args([*RECORD, "--generator_input", "raw"])
+
+
+def test_mode_settings_come_from_the_mode_registry():
+    names = [o.name for o in finetune.options()]
+    assert len(names) == len(set(names)), "an option listed twice"
+    for mode in ALL_MODES.values():
+        for opt in mode.options:
+            assert opt.name in names, f"{mode.name}'s {opt.name} is not a flag of ft.py"
+    assert {o.name for o in ALL_MODES["ft-sam"].options} >= {"sam_rho", "sam_adaptive", "ft_sam_preset"}
+    assert {o.name for o in ALL_MODES["pam"].options} >= {"pam_rho", "rounds", "bti_unet_width"}
+    assert not ALL_MODES["fst"].options

@@ -25,6 +25,7 @@ from utils.defenses.bti import BTISettings
 from utils.data.datasets import dataset_info
 from utils.victim.experiment import build_model_for
 from utils.engine.runtime import device_name
+from utils.defenses.purify import mode_options
 
 
 DESCRIPTION = ("Purify a backdoored model by fine-tuning (FST and baselines, FT-SAM, BTI, PAM).")
@@ -41,7 +42,6 @@ def options() -> list[Option]:
         Option("epochs", int, None, 'tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)'),
         Option("batch_size", int, None, 'tuning batch size (default 128; ft-sam backdoorbench preset 256)'),
         Option("wd", float, None, 'weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)'),
-        Option("ft_sam_preset", str, 'toolkit', "ft-sam settings: toolkit (this toolkit's: the dataset's split/epochs/lr, batch 128, label smoothing 0.1, no weight decay, cosine per epoch) or backdoorbench (BackdoorBench's CIFAR-10 FT-SAM: 5%% split, 100 epochs, batch 256, lr 0.01, wd 5e-4, label smoothing 0.1 spread over the other classes, cosine with T_max 100 stepped per batch). Which one the NeurIPS 2024 paper used is not published; flags still win", choices=FT_SAM_PRESETS),
         Option("lr", float, None, 'tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)'),
         Option("momentum", float, None, 'SGD momentum (default 0.9; bti/pam 0.1)'),
         Option("random_seed", int, 0, 'seed of the tuning subset, head init and batch order (default 0)'),
@@ -56,18 +56,7 @@ def options() -> list[Option]:
         Option("norm_proj", str, 'all', "rescale the head to the backdoored head's norm after each step: in all five FST modes (official code), fst only (paper), none", choices=NORM_PROJ),
         Option("split_mode", str, 'uniform', 'uniform random tuning subset, or the first k images of each class', choices=('uniform', 'balanced')),
         Option("frozen_bn", parse_bool, False, 'keep BatchNorm of frozen parts in eval mode (default false: train mode, as the official code)'),
-        Option("sam_rho", float, 2.0, 'ft-sam: neighbourhood radius (default 2.0)'),
-        Option("sam_adaptive", parse_bool, True, "ft-sam: adaptive SAM, radius relative to the weights' magnitudes (default true)"),
-        Option("pam_rho", float, 0.5, 'pam: distance of the gradient point along the path to the backdoored weights (default 0.5)'),
-        Option("rounds", int, 3, 'bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)'),
-        Option("unlearn_ratio", float, 0.2, 'bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)'),
-        Option("bti_pretrain_epochs", int, 50, 'bti/pam: generator pre-training epochs (default 50, official)'),
-        Option("bti_mask_epochs", int, 20, 'bti/pam: feature-mask epochs per round (default 20, official)'),
-        Option("bti_gen_epochs", int, 30, 'bti/pam: backdoor-generator epochs per round (default 30, official)'),
-        Option("bti_norm_bound", float, 0.3, 'bti/pam: image MSE (normalised input space) above which the generator only shrinks its change (default 0.3)'),
-        Option("bti_feat_bound", float, 3.0, 'bti/pam: benign-feature MSE above which the generator only shrinks its change (default 3)'),
-        Option("bti_unet_width", int, 32, 'bti/pam: base filters of the generator UNet (default 32, official; 8 makes CPU runs ~16x cheaper)'),
-        Option("bti_generator_rounds", str, 'all', "bti/pam: train the backdoor generator in every round (default: BTI-DBF's design, and the official bti baseline) or only in the first (what the shipped official PAM code does)", choices=('all', 'first')),
+        *mode_options(),
     ]
 
 
@@ -76,7 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 _TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth", "batch_size", "wd", "batch_cosine_tmax")
-FT_SAM_PRESETS = ("toolkit", "backdoorbench")
 
 
 def _backdoorbench_ft_sam(num_classes: int) -> dict:

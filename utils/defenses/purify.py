@@ -34,6 +34,7 @@ from utils import engine
 from utils.record import resources
 from utils.errors import UserError
 from utils.defenses.sharpness import WeightShift, path_offsets, sam_offsets
+from utils.config import Option, parse_bool
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,30 @@ class Mode:
     optimizer: str = "sgd"  # "sgd" (momentum from the settings) or "adam"
     schedule: str = "cosine"  # "cosine" over the epochs, or "constant"
     defaults: tuple = ()  # (option, value) pairs that replace the per-dataset defaults for this mode
+    options: tuple = ()  # the mode's own settings (flags of ft.py, keys of its YAML)
 
+
+# the settings only some modes read; each mode lists the ones it uses
+FT_SAM_PRESETS = ("toolkit", "backdoorbench")
+FT_SAM_OPTIONS = (
+    Option("ft_sam_preset", str, 'toolkit', "ft-sam settings: toolkit (this toolkit's: the dataset's split/epochs/lr, batch 128, label smoothing 0.1, no weight decay, cosine per epoch) or backdoorbench (BackdoorBench's CIFAR-10 FT-SAM: 5%% split, 100 epochs, batch 256, lr 0.01, wd 5e-4, label smoothing 0.1 spread over the other classes, cosine with T_max 100 stepped per batch). Which one the NeurIPS 2024 paper used is not published; flags still win", choices=FT_SAM_PRESETS),
+    Option("sam_rho", float, 2.0, 'ft-sam: neighbourhood radius (default 2.0)'),
+    Option("sam_adaptive", parse_bool, True, "ft-sam: adaptive SAM, radius relative to the weights' magnitudes (default true)"),
+)
+PAM_OPTIONS = (
+    Option("pam_rho", float, 0.5, 'pam: distance of the gradient point along the path to the backdoored weights (default 0.5)'),
+)
+UNLEARN_OPTIONS = (
+    Option("rounds", int, 3, 'bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)'),
+    Option("unlearn_ratio", float, 0.2, 'bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)'),
+    Option("bti_pretrain_epochs", int, 50, 'bti/pam: generator pre-training epochs (default 50, official)'),
+    Option("bti_mask_epochs", int, 20, 'bti/pam: feature-mask epochs per round (default 20, official)'),
+    Option("bti_gen_epochs", int, 30, 'bti/pam: backdoor-generator epochs per round (default 30, official)'),
+    Option("bti_norm_bound", float, 0.3, 'bti/pam: image MSE (normalised input space) above which the generator only shrinks its change (default 0.3)'),
+    Option("bti_feat_bound", float, 3.0, 'bti/pam: benign-feature MSE above which the generator only shrinks its change (default 3)'),
+    Option("bti_unet_width", int, 32, 'bti/pam: base filters of the generator UNet (default 32, official; 8 makes CPU runs ~16x cheaper)'),
+    Option("bti_generator_rounds", str, 'all', "bti/pam: train the backdoor generator in every round (default: BTI-DBF's design, and the official bti baseline) or only in the first (what the shipped official PAM code does)", choices=('all', 'first')),
+)
 
 #: every registered mode, in the order tables print them
 ALL_MODES: dict[str, Mode] = {}
@@ -76,12 +100,13 @@ register_mode(Mode("fst", "FST", True, "all", True, "head re-initialised, everyt
 # the official PAM protocol: 5% clean split, 3 rounds of 30 epochs at a constant learning rate
 UNLEARN_DEFAULTS = (("split_ratio", 0.05), ("epochs", 30))
 register_mode(Mode("ft-sam", "FT-SAM", False, "all", False, "fine-tuning with adaptive sharpness-aware minimisation (FT-SAM)",
-                   step="sam", defaults=(("lb_smooth", 0.1),)))
+                   step="sam", defaults=(("lb_smooth", 0.1),), options=FT_SAM_OPTIONS))
 register_mode(Mode("bti", "BTI", False, "all", False, "BTI-DBF(U) unlearning: CE on inverted-trigger images with their true "
                    "labels + feature-map MSE to the clean batch, Adam", unlearn=True, feature_mse=True, optimizer="adam",
-                   schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 1e-4),)))
+                   schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 1e-4),), options=UNLEARN_OPTIONS))
 register_mode(Mode("pam", "PAM", False, "all", False, "BTI-DBF unlearning with path-aware minimisation steps (PAM)",
-                   step="pam", unlearn=True, schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 0.01), ("momentum", 0.1))))
+                   step="pam", unlearn=True, schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 0.01), ("momentum", 0.1)),
+                   options=PAM_OPTIONS + UNLEARN_OPTIONS))
 
 #: views of the registry: the FST paper's five modes, and the others
 MODES: dict[str, Mode] = {n: m for n, m in ALL_MODES.items() if m.fst}
@@ -326,3 +351,12 @@ class _Unlearning:
         x = x.clone()
         x[pos] = bti.synthesize(self.inverter.generator, x[pos]).to(x.dtype)
         return x
+
+
+def mode_options() -> list:
+    """The settings of every registered mode, each once (modes may share them, as bti and pam do)."""
+    seen: dict = {}
+    for mode in ALL_MODES.values():
+        for opt in mode.options:
+            seen.setdefault(opt.name, opt)
+    return list(seen.values())
