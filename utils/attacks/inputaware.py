@@ -217,8 +217,8 @@ def net_arch(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plain dict of detached CPU float32 copies (what the record stores)."""
-    return {k: v.detach().cpu().float().clone() for k, v in state.items()}
+    """Detached CPU copies, floating ones as float32 (what the record stores)."""
+    return engine.to_cpu(state, float32=True)
 
 
 def _fp32():

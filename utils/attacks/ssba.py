@@ -249,9 +249,8 @@ def psnr_from_mse(mse: float) -> float:
 # --- the trigger -----------------------------------------------------------------------------
 
 def plain_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plain dict of detached CPU tensors, floating ones as float32 (what the record stores)."""
-    return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).clone()
-            for k, v in state.items()}
+    """Detached CPU copies, floating ones as float32 (what the record stores)."""
+    return engine.to_cpu(state, float32=True)
 
 
 def build_encoder(params: dict[str, Any]) -> Encoder:

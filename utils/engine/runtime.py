@@ -101,14 +101,17 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def to_cpu(obj: Any) -> Any:
-    """Tensors inside nested dicts/lists moved to the CPU (records must load anywhere)."""
+def to_cpu(obj: Any, float32: bool = False) -> Any:
+    """Detached CPU copies of the tensors inside nested dicts/lists (records and caches must load
+    anywhere, and must not change when training goes on); `float32` also casts floating-point
+    tensors to float32 (weights trained under mixed precision). The one "weights to the CPU"."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        out = obj.detach().cpu()
+        return (out.float() if float32 and out.is_floating_point() else out).clone()
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v, float32) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v, float32) for v in obj)
     return obj
 
 

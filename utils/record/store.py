@@ -19,6 +19,7 @@ import torch
 from utils.config import REPO_ROOT
 from utils.errors import UserError
 from utils.record.layout import FORMAT, FORMAT_VERSION, RECORD_FILE
+from utils.engine.runtime import to_cpu
 
 # --- atomic writes --------------------------------------------------------------------------
 
@@ -107,8 +108,8 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for prefix in ("module.", "_orig_mod."):
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix):], True
-        out[key] = value.detach().cpu().clone()
-    return out
+        out[key] = value
+    return to_cpu(out)
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str) -> None:
