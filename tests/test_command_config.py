@@ -58,6 +58,8 @@ def test_flags_win_over_the_yaml_and_the_yaml_over_defaults(tmp_path):
     ("norm_proj: most\n", "norm_proj must be one of all, fst, none"),
     ("overwrite: true\n", "unknown key(s) overwrite"),  # replacing results stays a deliberate flag
     ("- a\n", "expected a mapping"),
+    ("split_ratio: 0\n", "split_ratio must be within (0, 1], got 0.0"),
+    ("bti_unet_width: 0\n", "bti_unet_width must be positive, got 0"),
 ])
 def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -84,3 +86,16 @@ def test_mode_settings_come_from_the_mode_registry():
     assert {o.name for o in ALL_MODES["ft-sam"].options} >= {"sam_rho", "sam_adaptive", "ft_sam_preset"}
     assert {o.name for o in ALL_MODES["pam"].options} >= {"pam_rho", "rounds", "bti_unet_width"}
     assert not ALL_MODES["fst"].options
+
+
+@pytest.mark.parametrize("module,flag,value,message", [
+    (finetune, "--momentum", "1", "--momentum must be within [0, 1), got 1.0"),
+    (finetune, "--eval_every", "0", "--eval_every must be positive, got 0"),
+    (finetune, "--wd", "-1", "--wd must be 0 or positive, got -1.0"),
+    (retune, "--poison_num", "-1", "--poison_num must be 0 or positive, got -1"),
+    (qra, "--eps", "300", "--eps must be within (0, 255], got 300.0"),
+    (qra, "--eval_batch_size", "-2", "--eval_batch_size must be 0 or positive, got -2"),
+])
+def test_ranges_are_checked_by_the_schema(module, flag, value, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        module.parse_args([*RECORD, flag, value])

@@ -255,7 +255,7 @@ def test_clear_errors(tiny_cifar10, qra_root, tmp_path, capsys):
     msg = _error(base + ["--retune_tag", "x"])
     assert "retune_x" in msg and "ft_poison.py" in msg and "--defense_type fst" in msg
     assert "--eps" in _error(base + ["--eps", "0"])
-    assert "--n_clean" in _error(base + ["--n_poison", "0"])
+    assert "--n_poison must be positive" in _error(base + ["--n_poison", "0"])  # names the flag that is wrong
     assert "--clean_record" in _error(base + ["--clean_record", str(tmp_path / "nowhere")])
     # a record root without a pratio-0 record
     lonely = copy_record(qra_root / RECORD_REL, tmp_path / "lonely")

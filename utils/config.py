@@ -10,6 +10,7 @@ beside every result.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,6 +52,8 @@ class Option:
     #: how the flag is written: "value" (--x V), "switch" (--x alone means true) or "optional"
     #: (--x alone means true, --x V gives V)
     flag: str = "value"
+    #: a range check: value -> None when fine, else what it must be ("must be positive"); not run on None
+    check: Callable[[Any], str | None] | None = None
 
     def convert(self, value: Any, source: str) -> Any:
         if value is None and self.default is None:
@@ -65,7 +68,28 @@ class Option:
             raise UserError(f"{source}: {self.name} must be {_kind_name(self.kind)}, got {value!r}") from None
         if self.choices is not None and out not in self.choices:
             raise UserError(f"{source}: {self.name} must be one of {', '.join(map(str, self.choices))}; got {out!r}")
+        problem = self.check(out) if self.check is not None and out is not None else None
+        if problem:
+            where = source if source == f"--{self.name}" else f"{source}: {self.name}"
+            raise UserError(f"{where} {problem}, got {out}")
         return out
+
+
+# range checks for Option.check
+def positive(value) -> str | None:
+    return None if value > 0 and math.isfinite(value) else "must be positive"
+
+
+def non_negative(value) -> str | None:
+    return None if value >= 0 and math.isfinite(value) else "must be 0 or positive"
+
+
+def within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], str | None]:
+    """value in [low, high], with either end open."""
+    def check(value) -> str | None:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        return None if ok else f"must be within {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return check
 
 
 def _kind_name(kind) -> str:

@@ -5,15 +5,13 @@ import argparse
 import contextlib
 import copy
 import io
-import math
 import sys
 import time
 from typing import Sequence
 
 import models
 from utils import engine
-from utils.config import Option, parse_bool, parse_optional_float
-from utils.errors import UserError
+from utils.config import Option, non_negative, parse_bool, parse_optional_float, positive, within
 from utils.attacks.poison import LABEL_TRANS
 from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, parse_modes,
                                    purify, tuning_indices)
@@ -39,19 +37,19 @@ def options() -> list[Option]:
                      "replace an existing result of the same mode and tag"),
         Option("ft_mode", str, 'fst', f"one of {', '.join(ALL_MODES)}; all (= {', '.join(MODES)}); or a comma-separated list (default fst)"),
         Option("attack_label_trans", str, None, 'checked against the record when given', choices=LABEL_TRANS),
-        Option("epochs", int, None, 'tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)'),
-        Option("batch_size", int, None, 'tuning batch size (default 128; ft-sam backdoorbench preset 256)'),
-        Option("wd", float, None, 'weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)'),
-        Option("lr", float, None, 'tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)'),
-        Option("momentum", float, None, 'SGD momentum (default 0.9; bti/pam 0.1)'),
+        Option("epochs", int, None, 'tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)', check=positive),
+        Option("batch_size", int, None, 'tuning batch size (default 128; ft-sam backdoorbench preset 256)', check=positive),
+        Option("wd", float, None, 'weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)', check=non_negative),
+        Option("lr", float, None, 'tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)', check=positive),
+        Option("momentum", float, None, 'SGD momentum (default 0.9; bti/pam 0.1)', check=within(0, 1, high_open=True)),
         Option("random_seed", int, 0, 'seed of the tuning subset, head init and batch order (default 0)'),
-        Option("split_ratio", float, None, 'fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny and bti/pam)'),
-        Option("eval_every", int, 1, 'evaluate C-Acc/ASR/RA after every k-th tuning epoch and the last (default 1; sweeps on a CPU use a larger k, the skipped epochs are empty in metrics.csv)'),
+        Option("split_ratio", float, None, 'fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny and bti/pam)', check=within(0, 1, low_open=True)),
+        Option("eval_every", int, 1, 'evaluate C-Acc/ASR/RA after every k-th tuning epoch and the last (default 1; sweeps on a CPU use a larger k, the skipped epochs are empty in metrics.csv)', check=positive),
         Option("log", parse_bool, False, 'also write the console output to defense/<mode>/log.txt', flag="switch"),
         Option("pre", parse_bool, False, 'accepted for compatibility: the record already holds the (pre-trained) weights', flag="switch"),
         Option("save", parse_bool, True, 'save the purified weights as defense/<mode>/model.pt (default true; the retuning and reactivation attacks need them)', flag="optional"),
         Option("linear_name", str, None, "dotted path of the classifier head (default: the model's own, e.g. linear, classifier.6)"),
-        Option("lb_smooth", parse_optional_float, None, 'label smoothing for the CE term (FST term kept; default none, ft-sam 0.1)'),
+        Option("lb_smooth", parse_optional_float, None, 'label smoothing for the CE term (FST term kept; default none, ft-sam 0.1)', check=within(0, 1, high_open=True)),
         Option("alpha", float, None, 'FST feature-shift weight (default per dataset: 0.2 cifar10, 0.1 gtsrb, 0.001 cifar100/tiny)'),
         Option("norm_proj", str, 'all', "rescale the head to the backdoored head's norm after each step: in all five FST modes (official code), fst only (paper), none", choices=NORM_PROJ),
         Option("split_mode", str, 'uniform', 'uniform random tuning subset, or the first k images of each class', choices=('uniform', 'balanced')),
@@ -81,29 +79,6 @@ def _settle_args(args: argparse.Namespace) -> list[str]:
     defaults of each."""
     check_record_args(args)
     modes = parse_modes(args.ft_mode)
-    if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
-        raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
-    if args.wd is not None and not (args.wd >= 0 and math.isfinite(args.wd)):
-        raise UserError(f"--wd must be 0 or positive, got {args.wd}")
-    if (args.epochs is not None and args.epochs < 1) or (args.batch_size is not None and args.batch_size < 1) \
-            or args.eval_batch_size < 0 or args.rounds < 1 \
-            or args.eval_every < 1:
-        raise UserError("--epochs, --rounds, --eval_every and --batch_size must be positive, --eval_batch_size 0 or positive")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
-        raise UserError(f"--momentum must be within [0, 1), got {args.momentum}")
-    if args.lb_smooth is not None and not 0.0 <= args.lb_smooth < 1.0:
-        raise UserError(f"--lb_smooth must be within [0, 1), got {args.lb_smooth}")
-    if args.sam_rho <= 0 or args.pam_rho < 0:
-        raise UserError("--sam_rho must be positive and --pam_rho 0 or positive")
-    if not 0.0 <= args.unlearn_ratio <= 1.0:
-        raise UserError(f"--unlearn_ratio must be within [0, 1], got {args.unlearn_ratio}")
-    if min(args.bti_pretrain_epochs, args.bti_mask_epochs, args.bti_gen_epochs) < 0 or args.bti_unet_width < 1:
-        raise UserError("--bti_*_epochs must be 0 or positive and --bti_unet_width positive")
-    for name in ("bti_norm_bound", "bti_feat_bound"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
     check_tag(args.tag)
     return modes
 

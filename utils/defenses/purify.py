@@ -34,7 +34,7 @@ from utils import engine
 from utils.record import resources
 from utils.errors import UserError
 from utils.defenses.sharpness import WeightShift, path_offsets, sam_offsets
-from utils.config import Option, parse_bool
+from utils.config import Option, non_negative, parse_bool, positive, within
 
 
 @dataclass(frozen=True)
@@ -61,21 +61,21 @@ class Mode:
 FT_SAM_PRESETS = ("toolkit", "backdoorbench")
 FT_SAM_OPTIONS = (
     Option("ft_sam_preset", str, 'toolkit', "ft-sam settings: toolkit (this toolkit's: the dataset's split/epochs/lr, batch 128, label smoothing 0.1, no weight decay, cosine per epoch) or backdoorbench (BackdoorBench's CIFAR-10 FT-SAM: 5%% split, 100 epochs, batch 256, lr 0.01, wd 5e-4, label smoothing 0.1 spread over the other classes, cosine with T_max 100 stepped per batch). Which one the NeurIPS 2024 paper used is not published; flags still win", choices=FT_SAM_PRESETS),
-    Option("sam_rho", float, 2.0, 'ft-sam: neighbourhood radius (default 2.0)'),
+    Option("sam_rho", float, 2.0, 'ft-sam: neighbourhood radius (default 2.0)', check=positive),
     Option("sam_adaptive", parse_bool, True, "ft-sam: adaptive SAM, radius relative to the weights' magnitudes (default true)"),
 )
 PAM_OPTIONS = (
-    Option("pam_rho", float, 0.5, 'pam: distance of the gradient point along the path to the backdoored weights (default 0.5)'),
+    Option("pam_rho", float, 0.5, 'pam: distance of the gradient point along the path to the backdoored weights (default 0.5)', check=non_negative),
 )
 UNLEARN_OPTIONS = (
-    Option("rounds", int, 3, 'bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)'),
-    Option("unlearn_ratio", float, 0.2, 'bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)'),
-    Option("bti_pretrain_epochs", int, 50, 'bti/pam: generator pre-training epochs (default 50, official)'),
-    Option("bti_mask_epochs", int, 20, 'bti/pam: feature-mask epochs per round (default 20, official)'),
-    Option("bti_gen_epochs", int, 30, 'bti/pam: backdoor-generator epochs per round (default 30, official)'),
-    Option("bti_norm_bound", float, 0.3, 'bti/pam: image MSE (normalised input space) above which the generator only shrinks its change (default 0.3)'),
-    Option("bti_feat_bound", float, 3.0, 'bti/pam: benign-feature MSE above which the generator only shrinks its change (default 3)'),
-    Option("bti_unet_width", int, 32, 'bti/pam: base filters of the generator UNet (default 32, official; 8 makes CPU runs ~16x cheaper)'),
+    Option("rounds", int, 3, 'bti/pam: rounds of trigger inversion followed by --epochs epochs of unlearning (default 3)', check=positive),
+    Option("unlearn_ratio", float, 0.2, 'bti/pam: share of each batch replaced by synthesised trigger images (default 0.2)', check=within(0, 1)),
+    Option("bti_pretrain_epochs", int, 50, 'bti/pam: generator pre-training epochs (default 50, official)', check=non_negative),
+    Option("bti_mask_epochs", int, 20, 'bti/pam: feature-mask epochs per round (default 20, official)', check=non_negative),
+    Option("bti_gen_epochs", int, 30, 'bti/pam: backdoor-generator epochs per round (default 30, official)', check=non_negative),
+    Option("bti_norm_bound", float, 0.3, 'bti/pam: image MSE (normalised input space) above which the generator only shrinks its change (default 0.3)', check=positive),
+    Option("bti_feat_bound", float, 3.0, 'bti/pam: benign-feature MSE above which the generator only shrinks its change (default 3)', check=positive),
+    Option("bti_unet_width", int, 32, 'bti/pam: base filters of the generator UNet (default 32, official; 8 makes CPU runs ~16x cheaper)', check=positive),
     Option("bti_generator_rounds", str, 'all', "bti/pam: train the backdoor generator in every round (default: BTI-DBF's design, and the official bti baseline) or only in the first (what the shipped official PAM code does)", choices=('all', 'first')),
 )
 

@@ -49,7 +49,7 @@ from utils.commands.driver import (check_record_args, build_loaded_model, check_
                                    find_clean_record, load_source_state)
 from utils.engine.runtime import device_name
 from utils.commands.driver import aborting, finish_run, open_record, parse_record_command, record_label, record_options, run_arguments, run_options, stage, start_runtime
-from utils.config import Option
+from utils.config import Option, non_negative, positive, within
 
 DEFAULT_HIDDEN = (1024, 1024, 1024)  # the official generator's hidden widths
 GENERATOR_INPUTS = ("normalised", "pixels")
@@ -321,14 +321,14 @@ def options() -> list[Option]:
         Option("defense_type", str, 'fst', "purification under defense/ to attack, or none for the record's own model (default fst)"),
         Option("retune_tag", str, '', 'tag of the retuning run (ft_poison.py --tag) whose model is imitated (default none)'),
         Option("clean_record", str, None, 'record folder of the clean reference model (default: the pratio-0 record of the same dataset and architecture)'),
-        Option("eps", float, 16.0, 'L-inf bound of the perturbation in pixels out of 255 (default 16)'),
-        Option("alpha_qra", float, 0.2, 'weight of the KL imitation term (default 0.2)'),
-        Option("n_clean", int, 500, 'clean training images (default 500)'),
-        Option("n_poison", int, 500, 'poisoned training images (default 500)'),
-        Option("epochs", int, 50, 'generator training epochs (default 50)'),
-        Option("lr", float, 0.1, 'SGD learning rate (default 0.1)'),
-        Option("momentum", float, 0.9, 'SGD momentum (default 0.9)'),
-        Option("batch_size", int, 128, 'training batch size (default 128)'),
+        Option("eps", float, 16.0, 'L-inf bound of the perturbation in pixels out of 255 (default 16)', check=within(0, 255, low_open=True)),
+        Option("alpha_qra", float, 0.2, 'weight of the KL imitation term (default 0.2)', check=non_negative),
+        Option("n_clean", int, 500, 'clean training images (default 500)', check=positive),
+        Option("n_poison", int, 500, 'poisoned training images (default 500)', check=positive),
+        Option("epochs", int, 50, 'generator training epochs (default 50)', check=positive),
+        Option("lr", float, 0.1, 'SGD learning rate (default 0.1)', check=positive),
+        Option("momentum", float, 0.9, 'SGD momentum (default 0.9)', check=within(0, 1, high_open=True)),
+        Option("batch_size", int, 128, 'training batch size (default 128)', check=positive),
         Option("hidden", str, ','.join(map(str, DEFAULT_HIDDEN)), 'hidden widths of the generator MLP, comma-separated (default 1024,1024,1024 as officially; the earlier toolkit generator was 512,128,512)'),
         Option("generator_input", str, 'normalised', 'what the generator sees: the normalised image (official) or the [0, 1] pixels (default normalised)', choices=GENERATOR_INPUTS),
         Option("poison_source", str, 'record', "record: the victim's own poisoned training images, topped up with triggered clean ones when too few (official); trigger: clean training images with the test-time trigger (default record)", choices=POISON_SOURCES),
@@ -346,21 +346,7 @@ def _settle_args(args: argparse.Namespace) -> None:
     check_record_args(args)
     check_tag(args.tag)
     check_tag(args.retune_tag, "--retune_tag")
-    if not 0 < args.eps <= 255:
-        raise UserError(f"--eps must be within (0, 255] (pixels out of 255), got {args.eps}")
-    if args.n_clean < 1 or args.n_poison < 1:
-        raise UserError(f"--n_clean and --n_poison must be at least 1, got {args.n_clean} and {args.n_poison}")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UserError(f"--epochs and --batch_size must be positive, got {args.epochs} and {args.batch_size}")
     args.hidden = ",".join(map(str, parse_widths(args.hidden)))
-    if args.eval_batch_size < 0:
-        raise UserError(f"--eval_batch_size must be 0 or positive, got {args.eval_batch_size}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.momentum < 1:
-        raise UserError(f"--momentum must be within [0, 1), got {args.momentum}")
-    if args.alpha_qra < 0:
-        raise UserError(f"--alpha_qra must be 0 or positive, got {args.alpha_qra}")
 
 
 def _record_label(folder: Path, root: str) -> str:

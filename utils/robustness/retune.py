@@ -34,7 +34,7 @@ import torch
 
 from utils import engine
 from utils.attacks.registry import get_attack, make_trigger
-from utils.config import Option, parse_bool
+from utils.config import Option, non_negative, parse_bool, positive, within
 from utils.errors import UserError
 from utils.attacks.poison import backdoor_labels, check_pratio
 from utils.defenses.purify import DATASET_DEFAULTS
@@ -56,15 +56,15 @@ def options() -> list[Option]:
     return [
         *record_options(),
         Option("defense_type", str, 'fst', "which model: a folder under defense/ (fst, ft, pam, fst_<tag>, ...), none (the record's unpurified model), a comma-separated list, or all (every purified model with weights, and none) (default fst)"),
-        Option("poison_num", int, 5, 'tuning samples replaced by poisoned training samples (default 5)'),
-        Option("epochs", int, 5, 'retuning epochs (default 5)'),
-        Option("lr", float, 0.01, 'learning rate, constant (default 0.01)'),
-        Option("momentum", float, 0.9, 'SGD momentum (default 0.9)'),
-        Option("batch_size", int, 128, 'batch size (default 128)'),
+        Option("poison_num", int, 5, 'tuning samples replaced by poisoned training samples (default 5)', check=non_negative),
+        Option("epochs", int, 5, 'retuning epochs (default 5)', check=positive),
+        Option("lr", float, 0.01, 'learning rate, constant (default 0.01)', check=positive),
+        Option("momentum", float, 0.9, 'SGD momentum (default 0.9)', check=within(0, 1, high_open=True)),
+        Option("batch_size", int, 128, 'batch size (default 128)', check=positive),
         Option("ra_split", str, 'shared', "shared: one retuning split for every model of the record (--split_ratio, --random_seed), as the official code; defense: each purification's own tuning subset (default shared)", choices=RA_SPLITS),
         Option("augment", str, 'once', 'once: the clean samples cropped/flipped once and kept so for every epoch, poisoned ones only normalised (official); epoch: clean ones augmented afresh each epoch; all: every sample, poisoned included, each epoch (default once)', choices=AUGMENT_MODES),
         Option("random_seed", int, None, "seed of the split, the poisoned-sample choice, the batch order and the augmentation (default: 42 with --ra_split shared; with defense, the purification's seed, 0 for none)"),
-        Option("split_ratio", float, None, f"fraction of the clean training set retuned on (default {SHARED_SPLIT_RATIO} with --ra_split shared; with defense only for --defense_type none, default the dataset's)"),
+        Option("split_ratio", float, None, f"fraction of the clean training set retuned on (default {SHARED_SPLIT_RATIO} with --ra_split shared; with defense only for --defense_type none, default the dataset's)", check=within(0, 1, low_open=True)),
         Option("split_mode", str, None, 'how the split is drawn (default uniform; with --ra_split defense only for --defense_type none)', choices=('uniform', 'balanced')),
         Option("save", parse_bool, True, 'save the retuned weights as model.pt (default true; qra.py needs them)', flag="optional"),
         *run_options("write to retune_<tag>/ instead of retune/", "replace an existing retuning result of the same tag"),
@@ -84,14 +84,6 @@ SHARED_SEED = 42
 def _check_args(args: argparse.Namespace) -> None:
     check_pratio(args.pratio)
     check_tag(args.tag)
-    if args.poison_num < 0:
-        raise UserError(f"--poison_num must be 0 or positive, got {args.poison_num}")
-    if args.epochs < 1 or args.batch_size < 1 or args.eval_batch_size < 0:
-        raise UserError("--epochs and --batch_size must be positive, --eval_batch_size 0 or positive")
-    if args.lr <= 0 or not 0.0 <= args.momentum < 1.0:
-        raise UserError("--lr must be positive and --momentum within [0, 1)")
-    if args.split_ratio is not None and not 0.0 < args.split_ratio <= 1.0:
-        raise UserError(f"--split_ratio must be within (0, 1], got {args.split_ratio}")
 
 
 def defense_types(text: str, record_folder: Path) -> list[str]:
