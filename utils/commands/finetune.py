@@ -7,6 +7,7 @@ import copy
 import io
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import models
@@ -160,55 +161,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
 
 
 def _run(args, modes, folder, staged) -> dict[str, dict]:
+    """Load the record's model, evaluate it, purify it once per mode, print the table."""
     record = load_record(folder)
     check_record_matches(record, args, folder)
     rt = start_runtime(args, record)
-    device, amp, exp, evaluate = rt.device, rt.amp, rt.exp, rt.evaluate
-    model = build_model_for(record["model_name"], exp.info, exp.pipeline.input_size)
+    model = build_model_for(record["model_name"], rt.exp.info, rt.exp.pipeline.input_size)
     load_state_dict_checked(model, record["model"], str(folder / RECORD_FILE))
     models.get_head(model, args.linear_name)  # fail early on a bad --linear_name
-    model = engine.place_model(model, exp.pipeline, device)
-    before = evaluate(model)
+    model = engine.place_model(model, rt.exp.pipeline, rt.device)
+    before = rt.evaluate(model)
     print(f"record {folder}: {record['attack']} on {record['dataset']}/{record['model_name']}, pratio {record['pratio']}; "
-          f"device {device_name(device)}")
+          f"device {device_name(rt.device)}")
     print(f"before purification: C-Acc {before['clean_acc']:.4f}  ASR {before['asr']:.4f}  RA {before['ra']:.4f}", flush=True)
-    results = {}
-    shared: dict = {}
+    results: dict[str, dict] = {}
+    shared: dict = {}  # what the modes of one run share (the pre-trained BTI-DBF generator)
     for name in modes:
-        margs = mode_args(args, name)
-        tune_idx = tuning_set(exp.clean_train.labels, margs)
-        tune_images = exp.clean_train.images[tune_idx].to(device)
-        tune_labels = exp.clean_train.labels[tune_idx].to(device)
-        print(f"[{name}] tuning on {len(tune_idx)} clean images ({margs.split_mode}, split_ratio {margs.split_ratio}), "
-              f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")
-              + f", lr {margs.lr}, momentum {margs.momentum}", flush=True)
-        log = io.StringIO()
-        tee = _Tee(sys.stdout, log) if args.log else sys.stdout
-        start = time.perf_counter()
-        info: dict = {}
-        with contextlib.redirect_stdout(tee):
-            purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs, shared),
-                                    evaluate, amp, info)
-            for found in info.get("rounds", []):
-                print(f"[{name}] round {found['round']}: trigger inversion points to label {found['detected_target']} "
-                      f"({100 * found['target_share']:.1f}% of the synthesised images"
-                      + ("" if found["generator_trained"] else "; generator not retrained") + ")")
-            for row in rows:
-                print(f"[{name}] epoch {row['epoch']:2d}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
-                      f"C-Acc {row['clean_acc']:.4f}  ASR {row['asr']:.4f}  RA {row['ra']:.4f}")
-        after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else before
-        seconds = time.perf_counter() - start
-        final = finish_run(staged[name], {
-            "ft_mode": name, "record": record_label(record, folder),
-            "before": before, "after": after, "der": der(before, after),
-            "tuning_size": len(tune_idx), "tuning_digest": tensor_digest(tune_idx),
-            **({"inversion": info["rounds"]} if "rounds" in info else {}),
-            "seconds": round(seconds, 2), "device": device_name(device),
-        }, rows, run_arguments(margs), weights=purified.state_dict() if args.save else None,
-            log=log.getvalue() if args.log else None)
-        results[name] = after
-        print(f"{name}: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
-              f"DER {der(before, after):.4f}  -> {final}", flush=True)
+        results[name] = _purify_mode(name, args, rt, model, before, shared, record, folder, staged[name])
     print()
     print(format_table(before, results))
     return results
+
+
+def _purify_mode(name: str, args, rt, model, before: dict, shared: dict, record: dict, folder: Path, staged) -> dict:
+    """One mode: its tuning set, the purification (console output optionally kept as a log), its
+    result folder. Returns C-Acc/ASR/RA after purification."""
+    margs = mode_args(args, name)
+    exp = rt.exp
+    tune_idx = tuning_set(exp.clean_train.labels, margs)
+    tune_images = exp.clean_train.images[tune_idx].to(rt.device)
+    tune_labels = exp.clean_train.labels[tune_idx].to(rt.device)
+    print(f"[{name}] tuning on {len(tune_idx)} clean images ({margs.split_mode}, split_ratio {margs.split_ratio}), "
+          f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")
+          + f", lr {margs.lr}, momentum {margs.momentum}", flush=True)
+    log = io.StringIO()
+    tee = _Tee(sys.stdout, log) if args.log else sys.stdout
+    start = time.perf_counter()
+    info: dict = {}
+    with contextlib.redirect_stdout(tee):
+        purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs, shared),
+                                rt.evaluate, rt.amp, info)
+        _print_progress(name, info, rows)
+    after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else before
+    final = finish_run(staged, {
+        "ft_mode": name, "record": record_label(record, folder),
+        "before": before, "after": after, "der": der(before, after),
+        "tuning_size": len(tune_idx), "tuning_digest": tensor_digest(tune_idx),
+        **({"inversion": info["rounds"]} if "rounds" in info else {}),
+        "seconds": round(time.perf_counter() - start, 2), "device": device_name(rt.device),
+    }, rows, run_arguments(margs), weights=purified.state_dict() if args.save else None,
+        log=log.getvalue() if args.log else None)
+    print(f"{name}: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
+          f"DER {der(before, after):.4f}  -> {final}", flush=True)
+    return after
+
+
+def _print_progress(name: str, info: dict, rows: list[dict]) -> None:
+    for found in info.get("rounds", []):
+        print(f"[{name}] round {found['round']}: trigger inversion points to label {found['detected_target']} "
+              f"({100 * found['target_share']:.1f}% of the synthesised images"
+              + ("" if found["generator_trained"] else "; generator not retrained") + ")")
+    for row in rows:
+        print(f"[{name}] epoch {row['epoch']:2d}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
+              f"C-Acc {row['clean_acc']:.4f}  ASR {row['asr']:.4f}  RA {row['ra']:.4f}")
