@@ -47,7 +47,6 @@ from utils.defenses.purify import ALL_MODES, parse_modes
 from utils.record.layout import CONFIG_FILE, MODEL_FILE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder, format_pratio, logs_folder, record_name, resources_folder, retune_folder, source_folder
 from utils.config import REPO_ROOT
 
-REPO = REPO_ROOT
 DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
 SCRIPTS = {"blended_bypass": "blend_bypass"}  # attack name -> attack/<script>.py where they differ
 
@@ -89,9 +88,9 @@ def attack_jobs(yaml_path: str, attacks: list[str], pratios: list[float], seeds:
         raise UserError(f"{yaml_path}: the prototype must name a dataset and a model")
     jobs = []
     for attack in attacks:
-        script = REPO / "attack" / f"{SCRIPTS.get(attack, attack)}.py"
+        script = REPO_ROOT / "attack" / f"{SCRIPTS.get(attack, attack)}.py"
         if not script.is_file():
-            raise UserError(f"unknown attack {attack!r}: no {script.relative_to(REPO)}")
+            raise UserError(f"unknown attack {attack!r}: no {script.relative_to(REPO_ROOT)}")
         for pratio in pratios:
             if not 0.0 <= pratio < 1.0:
                 raise UserError(f"pratio must be within [0, 1), got {pratio}")
@@ -150,7 +149,7 @@ def purify_jobs(record_root: str, modes: list[str], extra: list[str] = (), tag: 
     logs = Path(logs or logs_folder(record_root))
     for folder, cfg in _select(find_records(record_root), attacks, pratios, seeds):
         wanted = [m for m in modes if not (defense_folder(folder, m, tag) / RESULT_FILE).is_file()] or modes
-        argv = [sys.executable, str(REPO / "fine_tune" / "ft.py"), *_record_flags(folder, cfg), "--ft_mode", ",".join(wanted),
+        argv = [sys.executable, str(REPO_ROOT / "fine_tune" / "ft.py"), *_record_flags(folder, cfg), "--ft_mode", ",".join(wanted),
                 "--random_seed", str(cfg.get("random_seed", 0)), "--device", DEVICE, "--progress", "false", *extra]
         if tag:
             argv += ["--tag", tag]
@@ -170,7 +169,7 @@ def retune_jobs(record_root: str, defenses: list[str], extra: list[str] = (), ta
             source = source_folder(folder, defense)
             out = retune_folder(source, tag) / RESULT_FILE
             needs = [str(folder / RECORD_FILE)] + ([] if defense == "none" else [str(source / MODEL_FILE)])
-            argv = [sys.executable, str(REPO / "fine_tune" / "ft_poison.py"), *_record_flags(folder, cfg), "--defense_type",
+            argv = [sys.executable, str(REPO_ROOT / "fine_tune" / "ft_poison.py"), *_record_flags(folder, cfg), "--defense_type",
                     defense, "--device", DEVICE, "--progress", "false", *extra] + (["--tag", tag] if tag else [])
             name = f"retune-{defense}-{_short(cfg)}" + (f"-{tag}" if tag else "")
             jobs.append(Job(name, argv, [str(out)], str(logs / f"{name}.log"), needs))
@@ -230,12 +229,12 @@ def execute(job: Job, device: str, env: dict | None = None, running: dict | None
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [device if a == DEVICE else a for a in job.argv]
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     with open(log, "w") as out:
         out.write(f"$ {shlex.join(argv)}\n")
         out.flush()
         # its own process group, so that stopping it also stops anything it started
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=full_env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=full_env, start_new_session=True)
         if running is not None:
             running[job.name] = proc
         try:
