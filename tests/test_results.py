@@ -29,23 +29,25 @@ def _m(clean_acc, asr, ra):
 
 
 def make_record(root: Path, attack="badnet", pratio=0.1, seed=0, metrics=(0.9, 0.99, 0.01), dataset="fmnist",
-                model="smallcnn", summary=True) -> Path:
-    """A victim record as the attack scripts lay it out, under root/seed_<seed>/."""
+                model="smallcnn", summary=True, **settings) -> Path:
+    """A victim record as the attack scripts lay it out, under root/seed_<seed>/; `settings` go into its config.yaml."""
     folder = root / f"seed_{seed}" / dataset / attack / record_name(pratio, 0, model)
     folder.mkdir(parents=True)
     config = {"dataset": dataset, "model": model, "epochs": 3, "random_seed": seed, "pratio": pratio, "attack_target": 0,
-              "attack": attack}
+              "attack": attack, "device": f"cuda:{seed}", "record_root": f"root_{seed}", **settings}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     if summary:
         _json(folder / "summary.json", {**_m(*metrics), "epochs": 3, "seconds": 10.0})
     return folder
 
 
-def add_purify(record: Path, mode: str, after, before=(0.9, 0.99, 0.01), der=0.9, tune_seed=0, tag="", epochs=10) -> Path:
+def add_purify(record: Path, mode: str, after, before=(0.9, 0.99, 0.01), der=0.9, tune_seed=0, tag="", epochs=10,
+               **settings) -> Path:
     name = f"{mode}_{tag}" if tag else mode
     return _json(record / "defense" / name / "result.json", {
         "ft_mode": mode, "before": _m(*before), "after": _m(*after), "der": der, "seconds": 5.0,
-        "args": {"random_seed": tune_seed, "epochs": epochs, "split_ratio": 0.02}})
+        "args": {"random_seed": tune_seed, "epochs": epochs, "split_ratio": 0.02, "ft_mode": mode, "tag": tag,
+                 "progress": tune_seed == 0, "pam_rho": 0.5 + tune_seed, **settings}})
 
 
 def add_retune(record: Path, defense: str, after, before=(0.85, 0.0, 0.5), seed=0, tag="") -> Path:
@@ -256,3 +258,54 @@ def test_cli_subprocess(sweep, tmp_path):
     assert done.stderr.startswith("warning: ") and "defense/ft/result.json: not valid JSON" in done.stderr
     done = subprocess.run(cmd + [str(tmp_path / "missing")], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("error: record root") and "does not exist" in done.stderr
+
+
+def test_runs_of_different_recipes_are_never_averaged(sweep, tmp_path):
+    """The quickstart victim (3 epochs, 20k images) beside sweep victims (1 epoch, 2k images) of the same
+    cell: two rows, each averaging only its own seeds, and a line naming what differs."""
+    root = tmp_path / "mixed"
+    for seed in (0, 1):
+        rec = make_record(root / "sweep", "badnet", 0.1, seed, (0.80 + 0.02 * seed, 0.9, 0.1), epochs=1, train_subset=2000)
+        add_purify(rec, "fst", (0.70, 0.02, 0.6), tune_seed=seed)
+    quick = make_record(root / "quick", "badnet", 0.1, 0, (0.95, 1.0, 0.0), epochs=3, train_subset=20000)
+    add_purify(quick, "fst", (0.93, 0.01, 0.8))
+    add_purify(quick, "fst", (0.90, 0.00, 0.8), tag="long", epochs=40)
+    rows, warnings = results.collect(root)
+    assert warnings == []
+    recipes = {r["recipe"] for r in rows if r["kind"] == "attack"}
+    assert len(recipes) == 2
+    recipe = results.recipe_of(next(r for r in rows if r["record"].startswith("quick")))
+    assert recipe["epochs"] == 3 and recipe["train_subset"] == 20000
+    assert not {"random_seed", "device", "record_root", "dataset", "pratio"} & set(recipe)  # seeds, places, cell keys: out
+    fst = next(r for r in rows if r["kind"] == "purify" and r["tag"] == "long")
+    assert results.recipe_of(fst)["ft.epochs"] == 40 and "ft.pam_rho" not in results.recipe_of(fst)  # another mode's setting
+    assert "ft.progress" not in results.recipe_of(fst) and "ft.random_seed" not in results.recipe_of(fst)
+
+    summary = [s for s in results.summarize(rows) if s["kind"] == "attack"]
+    assert sorted((s["n"], round(s["clean_acc_mean"], 6)) for s in summary) == [(1, 0.95), (2, 0.81)]
+
+    md = results.purification_tables(results.filter_rows(rows))
+    lines = _table_lines(md, "### fmnist / smallcnn / pratio 0.1 (2 seeds)")
+    names = [_cells(line)[0] for line in lines[2:]]
+    assert names == ["No defense (epochs=1, train_subset=2000)", "No defense (epochs=3, train_subset=20000)",
+                     "FST (epochs=1, train_subset=2000)", "FST (epochs=3, train_subset=20000)"]
+    body = {_cells(line)[0]: _cells(line)[1:] for line in lines[2:]}
+    assert body["No defense (epochs=1, train_subset=2000)"][0] == "81.00 ± 1.41"
+    assert body["No defense (epochs=3, train_subset=20000)"][0] == "95.00 ± 0.00 (n=1)"
+    assert "Recipes differ here, so rows are split by them and never averaged across: epochs (1, 3); " \
+           "train_subset (2000, 20000)." in md
+    # every tag: the tagged FST run has its own row anyway; its own ft.epochs only differs from nothing in its cell
+    assert "FST [long] (epochs=3, train_subset=20000) |" in results.purification_tables(results.filter_rows(rows, tags=None))
+
+    # one recipe (the sweep fixture): the old layout, no recipe names, no note
+    plain = results.purification_tables(results.collect(sweep)[0])
+    assert "Recipes differ" not in plain and "| FST |" in plain
+
+    # the group key travels with the CSV, summary CSV and JSON outputs
+    out = tmp_path / "out"
+    results.main([str(root), "--csv", str(out / "a.csv"), "--summary_csv", str(out / "s.csv"), "--json", str(out / "a.json")])
+    back = results.read_long_csv(out / "a.csv")
+    assert {r["recipe"] for r in back} == {r["recipe"] for r in results.filter_rows(rows)}
+    assert len({(s["mode"], s["recipe"]) for s in results.read_long_csv(out / "s.csv")}) == 4
+    data = json.loads((out / "a.json").read_text())
+    assert {s["recipe"]["epochs"] for s in data["summary"]} == {1, 3} and len(data["rows"]) == 6

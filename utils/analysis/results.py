@@ -3,7 +3,11 @@
     python -m utils.results record/repro_fmnist --dataset fmnist --pratio 0.1 --csv all.csv --markdown tables.md
 
 Rows follow the long-CSV contract (kinds attack, purify, retune, qra; one row per result file), so that
-utils/analysis/plots.py can read what this writes. A record folder is any folder (at any depth, names starting
+utils/analysis/plots.py can read what this writes. Replicates are runs that differ only in their seeds:
+every row carries its recipe (the `recipe` column: the victim's config.yaml and the config.yaml of each
+run on top of it, less the keys that cannot change a number, see NOT_RECIPE), summaries group by it,
+and a table with several recipes in one cell shows one row per recipe, named by the settings that
+differ, with a line under the table listing them. A record folder is any folder (at any depth, names starting
 with "." never read) holding `config.yaml` with an `attack` key and `summary.json`. A file that cannot
 be used becomes one warning ("path: reason"), never an exception: a sweep that is still running, or
 one that crashed half-way, still gives its table.
@@ -30,15 +34,32 @@ from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, RESULT_FILE, SUMMARY_F
 from utils.record.store import write_text
 
 COLUMNS = ("kind", "dataset", "model", "attack", "pratio", "target", "seed", "mode", "tag", "tune_seed", "clean_acc", "asr",
-           "ra", "before_clean_acc", "before_asr", "before_ra", "der", "epochs", "seconds", "record", "path")
+           "ra", "before_clean_acc", "before_asr", "before_ra", "der", "epochs", "seconds", "record", "path", "recipe")
 KINDS = ("attack", "purify", "retune", "qra")
 METRICS = ("clean_acc", "asr", "ra")
-GROUP_KEYS = ("kind", "dataset", "model", "attack", "pratio", "target", "mode", "tag")
-STR_COLUMNS = {"kind", "dataset", "model", "attack", "mode", "tag", "record", "path"}
+GROUP_KEYS = ("kind", "dataset", "model", "attack", "pratio", "target", "mode", "tag", "recipe")
+STR_COLUMNS = {"kind", "dataset", "model", "attack", "mode", "tag", "record", "path", "recipe"}
 INT_COLUMNS = {"target", "seed", "tune_seed", "epochs", "n"}
 PRATIO_TOL = 1e-9
 NONE = "none"
 MODE_NAMES = {NONE: "No defense", **{name: mode.title for name, mode in ALL_MODES.items()}}
+
+
+#: settings that cannot change a run's numbers, left out of its recipe: the seeds (replicates differ only
+#: in them; they are the seed and tune_seed columns), where files live, how progress shows, the device,
+#: the evaluation batch size, and the flags that only decide what is kept (log, save) or checked. `amp`
+#: stays in: bf16 and fp32 give slightly different numbers (`auto` is recorded as given, so it means
+#: bf16 on a GPU and fp32 on a CPU; the device is not part of the recipe).
+NOT_RECIPE = frozenset({"random_seed", "device", "progress", "overwrite", "eval_batch_size", "record_root", "dataset_path",
+                        "resource_root", "yaml_path", "bd_yaml_path", "download", "log", "save", "pre", "eval_every",
+                        "clean_record"})
+#: keys the table already shows as its heading, column or row (the record's identity, the mode, the tag),
+#: and the record-identity flags a purification or attack on the record repeats or merely checks
+CELL_KEYS = frozenset({"dataset", "model", "attack", "pratio", "attack_target"})
+RUN_CELL_KEYS = CELL_KEYS | {"attack_label_trans", "ft_mode", "defense_type", "tag"}
+#: the prefix of each run's settings in a recipe: the victim's keys are bare
+RECIPE_PREFIX = {"purify": "ft.", "retune": "ra.", "qra": "qra."}
+_MODE_ONLY = {opt.name for mode in ALL_MODES.values() for opt in mode.options}
 
 
 class _Unusable(Exception):
@@ -118,6 +139,76 @@ def _parse(kind: str, data: dict, folder_name: str) -> dict:
                 epochs=_num(data, "args", "epochs", cast=int, optional=True), seconds=_num(data, "seconds", optional=True))
 
 
+def _recipe_part(settings: dict, kind: str, mode: str = "") -> dict:
+    """The settings of one run that shape its numbers, keys prefixed by the run's kind ("" for the victim).
+    A purification also leaves out the settings only other modes read (sam_rho is no FST setting)."""
+    if kind == "attack":
+        return {k: v for k, v in settings.items() if k not in NOT_RECIPE and k not in CELL_KEYS}
+    own = {opt.name for opt in ALL_MODES[mode].options} if mode in ALL_MODES else _MODE_ONLY
+    return {RECIPE_PREFIX[kind] + k: v for k, v in settings.items()
+            if k not in NOT_RECIPE and k not in RUN_CELL_KEYS and (k not in _MODE_ONLY or k in own)}
+
+
+def recipe_text(recipe: dict) -> str:
+    """A recipe as the canonical one-line JSON the CSV holds (sorted keys: equal recipes, equal text)."""
+    return json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def recipe_of(row: dict) -> dict:
+    """The recipe of a row as a dict ({} for rows of CSVs written before recipes existed)."""
+    text = row.get("recipe") or ""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {"recipe": text}
+    return value if isinstance(value, dict) else {"recipe": text}
+
+
+def _key_rank(key: str) -> tuple:
+    prefix = next((i for i, p in enumerate(RECIPE_PREFIX.values(), 1) if key.startswith(p)), 0)
+    return prefix, key
+
+
+_ABSENT = object()  # a setting a recipe does not have
+
+
+def _value_text(value) -> str:
+    return "?" if value is _ABSENT else json.dumps(value) if isinstance(value, (dict, list)) or value is None else str(value)
+
+
+def differing_settings(cells: dict) -> dict[str, list[str]]:
+    """{setting: its values, as text} of every setting whose value differs between two recipes of one
+    cell; `cells` maps any cell key to the recipe texts found in it. A setting one recipe lacks
+    (an older record) differs too and reads "?"."""
+    out: dict[str, set] = {}
+    for recipes in cells.values():
+        dicts = [json.loads(r) if r else {} for r in set(recipes)]
+        if len(dicts) < 2:
+            continue
+        for key in set().union(*dicts):
+            values = {_value_text(d.get(key, _ABSENT)) for d in dicts}
+            if len(values) > 1:
+                out.setdefault(key, set()).update(values)
+    return {k: sorted(out[k], key=lambda v: (len(v), v)) for k in sorted(out, key=_key_rank)}
+
+
+def recipe_label(recipe: str, keys) -> str:
+    """`epochs=3, train_subset=20000`: the values of `keys` in this recipe ("" when keys is empty)."""
+    data = json.loads(recipe) if recipe else {}
+    return ", ".join(f"{k}={_value_text(data.get(k, _ABSENT))}" for k in keys)
+
+
+def differing_note(differ: dict[str, list[str]]) -> str:
+    """The line under a table whose cells hold several recipes."""
+    if not differ:
+        return ""
+    listed = "; ".join(f"{k} ({', '.join(v)})" for k, v in differ.items())
+    prefixes = [f"{p} = {what}" for p, what in (("ft.", "purification"), ("ra.", "retuning attack"), ("qra.", "QRA"))
+                if any(k.startswith(p) for k in differ)]
+    return (f"Recipes differ here, so rows are split by them and never averaged across: {listed}"
+            + (f" (unprefixed: the victim's config.yaml; {', '.join(prefixes)})" if prefixes else "") + ".")
+
+
 def _record_meta(config: dict) -> dict:
     return {"dataset": _text(config, "dataset"), "model": _text(config, "model"), "attack": _text(config, "attack"),
             "pratio": _num(config, "pratio"), "target": _num(config, "attack_target", cast=int),
@@ -147,6 +238,38 @@ def _result_files(record: Path) -> list[tuple[str, Path]]:
     return [(kind, path) for kind, path in files if path.is_file()]
 
 
+def _run_settings(folder: Path, result: dict | None = None) -> dict:
+    """A run's resolved settings: its config.yaml, else the `args` its result.json repeats, else {}
+    (results from before either was written)."""
+    try:
+        return _load(folder / CONFIG_FILE, "yaml")
+    except _Unusable:
+        pass
+    if result is None:
+        try:
+            result = _load(folder / RESULT_FILE)
+        except _Unusable:
+            return {}
+    args = result.get("args")
+    return args if isinstance(args, dict) else {}
+
+
+def _recipe(kind: str, mode: str, path: Path, data: dict, victim: dict, record: Path) -> dict:
+    """What shaped one result: the victim's settings, and for a purified model the purification's,
+    and for an attack on a model (retune, qra) the attack's own."""
+    if kind == "attack":
+        return dict(victim)
+    if kind == "purify":
+        return {**victim, **_recipe_part(_run_settings(path.parent, data), "purify", mode)}
+    recipe = dict(victim)
+    model_folder = path.parent.parent
+    if model_folder != record:  # an attack on a purified model: defense/<mode>/<retune|qra>/
+        settings = _run_settings(model_folder)
+        recipe.update(_recipe_part(settings, "purify", str(settings.get("ft_mode") or mode)))
+    recipe.update(_recipe_part(_run_settings(path.parent, data), kind))
+    return recipe
+
+
 def _sort_key(row: dict) -> tuple:
     return (row["dataset"], row["model"], row["pratio"], row["target"], row["attack"], KINDS.index(row["kind"]),
             _mode_rank(row["mode"]), row["tag"], row["seed"], -1 if row["tune_seed"] is None else row["tune_seed"], row["path"])
@@ -157,7 +280,7 @@ def collect(root: str | Path) -> tuple[list[dict], list[str]]:
     target, attack, kind, mode, tag, seeds), and one warning per file that could not be used."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"record root {root} does not exist")
+        raise UserError(f"record root {root} {'is not a folder' if root.exists() else 'does not exist'}")
     rows, warnings = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -181,12 +304,15 @@ def collect(root: str | Path) -> tuple[list[dict], list[str]]:
         except _Unusable as err:
             warnings.append(f"{folder / CONFIG_FILE}: {err}")
             continue
+        victim = _recipe_part(config, "attack")
         for kind, path in _result_files(folder):
             try:
-                row = {"kind": kind, **meta, **_parse(kind, _load(path), path.parent.name)}
+                data = _load(path)
+                row = {"kind": kind, **meta, **_parse(kind, data, path.parent.name)}
             except _Unusable as err:
                 warnings.append(f"{path}: {err}")
                 continue
+            row["recipe"] = recipe_text(_recipe(kind, row["mode"], path, data, victim, folder))
             row.update(record=folder.relative_to(root).as_posix(), path=path.relative_to(root).as_posix())
             rows.append({c: row[c] for c in COLUMNS})
     return sorted(rows, key=_sort_key), warnings
@@ -300,7 +426,10 @@ def _cell(entry: dict | None, metric: str, max_n: int, bold: bool = False) -> st
 def _tables(rows: Sequence[dict], kinds: Sequence[str], metrics: Sequence[tuple[str, str]], attacks, title: str,
             bold_asr: bool) -> str:
     """One markdown table per (dataset, model, pratio, target): rows = (mode, tag) in the paper's
-    order, columns = attack x metrics."""
+    order, columns = attack x metrics. Where a (mode, tag, attack) cell holds results of several
+    recipes, every row is split by the settings that differ (named after the defense, e.g. `FT
+    (epochs=3, train_subset=20000)`) and a line under the table lists them; a cell never averages
+    results of two recipes."""
     chosen = [r for r in rows if r["kind"] in kinds]
     tables = defaultdict(list)
     for row in chosen:
@@ -309,8 +438,13 @@ def _tables(rows: Sequence[dict], kinds: Sequence[str], metrics: Sequence[tuple[
     for (dataset, model, pratio, target), members in sorted(tables.items()):
         present = {r["attack"] for r in members}
         columns = [a for a in attacks if a in present] if attacks else sorted(present)
-        cells = {(e["mode"], e["tag"], e["attack"]): e for e in summarize(members)}
-        lines = sorted({(m, t) for m, t, _ in cells}, key=lambda mt: (_mode_rank(mt[0]), mt[1]))
+        summary = summarize(members)
+        recipes = defaultdict(set)
+        for e in summary:
+            recipes[(e["mode"], e["tag"], e["attack"])].add(e["recipe"])
+        differ = differing_settings(recipes)
+        cells = {(e["mode"], e["tag"], recipe_label(e["recipe"], differ), e["attack"]): e for e in summary}
+        lines = sorted({(m, t, v) for m, t, v, _ in cells}, key=lambda mtv: (_mode_rank(mtv[0]), mtv[1], mtv[2]))
         max_n = max(e["n"] for e in cells.values())
         seeds = len({r["seed"] for r in members})
         head = f"### {dataset} / {model} / pratio {format_pratio(pratio)}" + (f" / target {target}" if target else "")
@@ -319,20 +453,22 @@ def _tables(rows: Sequence[dict], kinds: Sequence[str], metrics: Sequence[tuple[
                 "|---" + "|---:" * (len(header) - 1) + "|"]
         best = {}
         for a in columns:
-            asrs = [cells[(m, t, a)]["asr_mean"] for m, t in lines if m != NONE and (m, t, a) in cells]
+            asrs = [cells[(m, t, v, a)]["asr_mean"] for m, t, v in lines if m != NONE and (m, t, v, a) in cells]
             best[a] = min(asrs) if bold_asr and asrs else None
-        for mode, tag in lines:
-            values = [mode_name(mode, tag)]
+        for mode, tag, variant in lines:
+            values = [mode_name(mode, tag) + (f" ({variant})" if variant else "")]
             for a in columns:
-                entry = cells.get((mode, tag, a))
+                entry = cells.get((mode, tag, variant, a))
                 for metric, _ in metrics:
                     if metric == "der" and mode == NONE:
                         values.append("")
                         continue
                     bold = (metric == "asr" and mode != NONE and entry is not None and best[a] is not None
-                            and abs(entry["asr_mean"] - best[a]) < 1e-12)
+                            and entry["asr_mean"] is not None and abs(entry["asr_mean"] - best[a]) < 1e-12)
                     values.append(_cell(entry, metric, max_n, bold))
             text.append("| " + " | ".join(values) + " |")
+        if differ:
+            text += ["", differing_note(differ)]
         out.append("\n".join(text))
     return "\n\n".join(out)
 
@@ -363,7 +499,8 @@ def markdown(rows: Sequence[dict], attacks: Sequence[str] | None = None) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Collect every result under a record root into a CSV and markdown tables.")
+    p = argparse.ArgumentParser(description="Collect every result under a record root into a CSV and markdown tables "
+                                "(printed; written only where asked).")
     a = p.add_argument
     a("root", help="record root, searched recursively (e.g. record/repro_fmnist)")
     a("--dataset", nargs="+", help="only these datasets")
@@ -372,14 +509,50 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attacks", nargs="+", help="only these attacks, in this column order")
     a("--modes", nargs="+", help="only these purification modes / defence types (the no-defense baseline is always kept)")
     a("--tag", default="", help="only results of this tag (default: untagged; '*' = every tag)")
-    a("--csv", help="write the matching rows as the long CSV here")
-    a("--summary_csv", help="write the per-group means and stds here")
+    a("--csv", help="write the matching rows as the long CSV here (with each row's recipe)")
+    a("--summary_csv", help="write the per-group means and stds here (one group per recipe)")
+    a("--json", help="write the rows and the per-group summary as JSON here (recipes as objects)")
     a("--markdown", help="write the tables here as well")
     return p
 
 
+OUTPUT_FLAGS = ("csv", "summary_csv", "json", "markdown")
+
+
+def check_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """{flag: path} of the files to write, checked before any work: no folder, no file given twice, a
+    parent that is (or can become) a writable folder. So a bad path stops the command before one
+    output is written and another is not."""
+    outputs: dict[str, Path] = {}
+    for flag in OUTPUT_FLAGS:
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        path = Path(value)
+        if value == "" or path.is_dir():
+            example = path / f"results.{'md' if flag == 'markdown' else 'json' if flag == 'json' else 'csv'}"
+            raise UserError(f"--{flag} {value or repr(value)} is a folder, not a file name (e.g. --{flag} {example})")
+        for other, seen in outputs.items():
+            if seen.resolve() == path.resolve():
+                raise UserError(f"--{flag} and --{other} both name {path}; give each output its own file")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"--{flag} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"--{flag} {path}: cannot write into {parent} (permission denied)")
+        outputs[flag] = path
+    return outputs
+
+
+def _json_rows(rows: Sequence[dict]) -> list[dict]:
+    return [{**row, "recipe": recipe_of(row)} for row in rows]
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    outputs = check_outputs(args)
     rows, warnings = collect(args.root)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -394,12 +567,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         print(f"warning: {warning}", file=sys.stderr)
     text = markdown(rows, args.attacks)
     print(text, end="")
-    if args.csv:
-        write_long_csv(rows, args.csv)
-    if args.summary_csv:
-        write_summary_csv(summarize(rows), args.summary_csv)
-    if args.markdown:
-        write_text(Path(args.markdown), text)
+    summary = summarize(rows)
+    contents = {"csv": lambda: _csv_text(rows, COLUMNS),
+                "summary_csv": lambda: _csv_text(summary, list(summary[0]) if summary else GROUP_KEYS),
+                "json": lambda: json.dumps({"rows": _json_rows(rows), "summary": _json_rows(summary)}, indent=1) + "\n",
+                "markdown": lambda: text}
+    for flag, path in outputs.items():
+        try:
+            write_text(path, contents[flag]())
+        except OSError as err:
+            raise UserError(f"--{flag} {path}: cannot write ({err.strerror or err})") from None
+        print(f"wrote {path}", file=sys.stderr)
     return text
 
 
