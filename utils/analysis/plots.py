@@ -1,11 +1,18 @@
-"""PNG figures of results: metrics against the poisoning ratio (from the long results CSV), training
-curves of a record and its purifications (from their metrics.csv files), and the FST paper's
-feature-shift picture (t-SNE of penultimate features before and after purification).
+"""PNG figures of results: metrics against the poisoning ratio (from a record root or the long results
+CSV), training curves of a record and its purifications (from their metrics.csv files), and the FST
+paper's feature-shift picture (t-SNE of penultimate features before and after purification).
 
-    python -m utils.plots pratio --csv results.csv --out DIR [--dataset ..] [--model ..] [--attacks ..] [--modes ..]
-    python -m utils.plots curves RECORD_FOLDER --out FILE.png [--modes ..] [--tag ..]
-    python -m utils.plots tsne RECORD_FOLDER --out FILE.png [--modes ft fst] [--n 500] [--seed 0]
+    python -m utils.plots pratio RECORD_ROOT [--out DIR] [--dataset ..] [--model ..] [--attacks ..] [--modes ..]
+    python -m utils.plots pratio --csv results.csv [--out DIR] [...]
+    python -m utils.plots curves RECORD_FOLDER [--out FILE.png] [--modes ..] [--tag ..]
+    python -m utils.plots tsne RECORD_FOLDER [--out FILE.png] [--modes ft fst] [--n 500] [--seed 0]
                                              [--dataset_path data] [--device auto]
+
+Without --out the figures go beside their data, never into the working folder: `<RECORD_ROOT>/figures/`
+(pratio from a root), `figures/` beside the CSV (pratio --csv), `<RECORD_FOLDER>/figures/` (curves,
+tsne). Every command prints the files it wrote. Empty or malformed input (a metrics.csv without rows or
+without the needed columns, a result.json that is not an object, a root without results) is one
+`error:` line and no figure.
 
 matplotlib is optional: it is imported only when a figure is drawn (Agg backend, no display needed).
 Every PNG is written atomically (a temporary file in the same folder, then os.replace).
@@ -15,8 +22,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,8 +35,9 @@ from tqdm.auto import tqdm
 from utils import engine
 from utils.errors import UserError, run_cli
 from utils.defenses.purify import MODES
+from utils.analysis import results
 from utils.analysis.results import MODE_NAMES
-from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FILE, NONE, RECORD_FILE, defense_folder
+from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FILE, NONE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder
 from utils.commands.driver import build_loaded_model, load_source_state
 from utils.analysis.tsne import knn_separation, knn_vote, tsne
 from utils.record.store import load_record, write_bytes, write_json
@@ -38,6 +48,14 @@ DPI = 120
 MODE_ORDER = tuple(MODES)  # the paper's order: ft, lp, fe-tuning, ft-init, fst
 NO_DEFENSE = MODE_NAMES["none"]
 METRICS = (("clean_acc", "C-Acc"), ("asr", "ASR"), ("ra", "RA"))
+FIGURES_DIR = "figures"  # the default output folder, inside the record root / record folder
+#: the columns the pratio figures read from a long results CSV
+PRATIO_COLUMNS = ("kind", "dataset", "model", "attack", "pratio", "mode", "tag", "clean_acc", "asr")
+#: class names for the t-SNE legend (other data sets show class indices)
+CLASS_NAMES = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "fmnist": ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"),
+}
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -59,7 +77,10 @@ def _save(fig, out: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     out = Path(out)
-    write_bytes(out, buf.getvalue())
+    try:
+        write_bytes(out, buf.getvalue())
+    except OSError as err:
+        raise UserError(f"cannot write {out} ({err.strerror or err})") from None
     return out
 
 
@@ -92,19 +113,50 @@ def display_name(mode: str) -> str:
     return f"{name} ({tag})" if tag else name
 
 
-def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
-    """All rows of a CSV file as dicts of strings (a clear error for a missing file)."""
+def read_csv_rows(path: str | Path, required: Sequence[str] = (), what: str = "CSV") -> list[dict[str, str]]:
+    """All rows of a CSV file as dicts of strings. A missing, unreadable or empty file, or one without
+    the `required` columns, is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+        raise UserError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except OSError as err:
+        raise UserError(f"{path}: unreadable ({err.strerror or err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: not a readable {what} ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
+    if not columns:
+        raise UserError(f"{path} is empty: not a {what}")
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)} of a {what} (it has: {', '.join(columns)})")
+    if not rows:
+        raise UserError(f"{path} has a header but no rows")
+    return rows
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (result.json, summary.json)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: unreadable ({err.strerror or err})") from None
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON, truncated? ({(str(err).splitlines() or ['?'])[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _check_png(out: str | Path, flag: str = "--out") -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{flag} {out} must name a .png file")
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder; give a .png file name")
     return out
 
 
@@ -125,12 +177,17 @@ def _record_title(dataset: Any, model: Any, attack: Any, pratio: Any) -> str:
 
 # --- 1. metrics against the poisoning ratio ------------------------------------------------------
 
+VARIANT_SEP = " | "  # series name = "<mode> | <differing settings>" where a cell holds several recipes
+
+
 def pratio_summary(rows: Iterable[dict[str, Any]], datasets: Sequence[str] | None = None, models: Sequence[str] | None = None,
                    attacks: Sequence[str] | None = None, modes: Sequence[str] | None = None) -> dict:
     """What the pratio figures show: {(dataset, model, attack): {series: {pratio: {"asr": (mean, std, n),
     "clean_acc": (mean, std, n)}}}}, in percent, std the sample std over replicates (0 for one). A series
     is a purification mode (kind=purify rows) or "No defense" (kind=attack rows); tagged rows, other
-    kinds and pratio 0 (no place on a log axis) are left out; `modes` filters only the purifications."""
+    kinds and pratio 0 (no place on a log axis) are left out; `modes` filters only the purifications.
+    Rows of different recipes (the CSV's `recipe` column) are never averaged: where one (series,
+    pratio) point would mix them, each recipe becomes its own series, `<mode> | <settings that differ>`."""
     wanted = {"dataset": datasets, "model": models, "attack": attacks}
     values: dict = {}
     for row in rows:
@@ -146,11 +203,28 @@ def pratio_summary(rows: Iterable[dict[str, Any]], datasets: Sequence[str] | Non
             continue
         key = (_text(row.get("dataset")), _text(row.get("model")), _text(row.get("attack")))
         label = NO_DEFENSE if kind == "attack" else _text(row.get("mode"))
-        cell = values.setdefault(key, {}).setdefault(label, {}).setdefault(pratio, {"asr": [], "clean_acc": []})
+        cell = values.setdefault(key, {}).setdefault((label, _text(row.get("recipe"))), {}).setdefault(
+            pratio, {"asr": [], "clean_acc": []})
         for metric in cell:
             cell[metric].append(100 * _num(row.get(metric)))
-    return {key: {label: {pr: {m: _mean_std(v) for m, v in cell.items()} for pr, cell in sorted(points.items())}
-                  for label, points in series.items()} for key, series in sorted(values.items())}
+    out = {}
+    for key, series in sorted(values.items()):
+        cells: dict = {}
+        for (label, recipe), points in series.items():
+            for pratio in points:
+                cells.setdefault((label, pratio), set()).add(recipe)
+        differ = results.differing_settings(cells)
+        merged: dict = {}
+        for (label, recipe), points in series.items():
+            variant = results.recipe_label(recipe, differ) if differ else ""
+            name = f"{label}{VARIANT_SEP}{variant}" if variant else label
+            for pratio, cell in points.items():  # recipes that agree on every differing setting share a line
+                target = merged.setdefault(name, {}).setdefault(pratio, {"asr": [], "clean_acc": []})
+                for metric, vals in cell.items():
+                    target[metric] += vals
+        out[key] = {name: {pr: {m: _mean_std(v) for m, v in cell.items()} for pr, cell in sorted(points.items())}
+                    for name, points in merged.items()}
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -160,13 +234,36 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
+def _series_label(name: str) -> str:
+    base, _, variant = name.partition(VARIANT_SEP)
+    label = base if base == NO_DEFENSE else display_name(base)
+    return f"{label} ({variant})" if variant else label
+
+
+def _series_order(name: str) -> tuple:
+    base, _, variant = name.partition(VARIANT_SEP)
+    return (base == NO_DEFENSE, _mode_key(base), variant)
+
+
+def _data_limits(values: Iterable[float], low: float = 0.0, high: float = 100.0) -> tuple[float, float]:
+    """y limits that fit the values with a margin (at least 2 points wide), within [low, high] plus 3."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return low - 3, high + 3
+    lo, hi = min(values), max(values)
+    pad = max((hi - lo) * 0.1, 1.0)
+    return max(lo - pad, low - 3), min(hi + pad, high + 3)
+
+
 def plot_vs_pratio(rows: Iterable[dict[str, Any]], out_dir: str | Path, datasets: Sequence[str] | None = None,
                    models: Sequence[str] | None = None, attacks: Sequence[str] | None = None,
                    modes: Sequence[str] | None = None) -> list[Path]:
-    """One PNG per (dataset, model, attack), `<out_dir>/pratio_<dataset>_<model>_<attack>.png`: ASR and
-    C-Acc (%) against pratio (%, log axis), one line per purification mode (mean over replicates,
-    error bars = sample std) in the order FT, LP, FE-tuning, FT-init, FST, others, plus the undefended
-    victims (kind=attack rows, dashed grey). Rows as `pratio_summary` selects them."""
+    """One PNG per (dataset, model, attack), `<out_dir>/pratio_<dataset>_<model>_<attack>.png`: ASR (0-100)
+    and C-Acc (axis fitted to the data, so an accuracy cost of a few points shows) against pratio (%, log
+    axis), one line per purification mode (mean over replicates, error bars = sample std where a point
+    has more than one, n in the legend and, where it varies, beside each point) in the order FT, LP,
+    FE-tuning, FT-init, FST, others, plus the undefended victims (dashed grey). Rows as `pratio_summary`
+    selects them."""
     Figure = _figure_class()
     summary = pratio_summary(rows, datasets, models, attacks, modes)
     if not summary:
@@ -174,32 +271,44 @@ def plot_vs_pratio(rows: Iterable[dict[str, Any]], out_dir: str | Path, datasets
                            (("datasets", datasets), ("models", models), ("attacks", attacks), ("modes", modes)) if v)
         raise UserError(f"no untagged attack/purify rows with pratio > 0 to plot ({chosen or 'no filter'})")
     out_dir = Path(out_dir)
-    written = []
+    figures = []
     for (dataset, model, attack), series in summary.items():
-        order = sorted((s for s in series if s != NO_DEFENSE), key=_mode_key) + ([NO_DEFENSE] if NO_DEFENSE in series else [])
+        order = sorted(series, key=_series_order)
         pratios = sorted({pr for points in series.values() for pr in points})
-        fig = Figure(figsize=(11, 4.2), layout="tight")
+        fig = Figure(figsize=(11, 5.0), layout="constrained")
         axes = fig.subplots(1, 2)
+        undefended = [name for name in order if name.partition(VARIANT_SEP)[0] == NO_DEFENSE]
         for ax, (metric, name) in zip(axes, (("asr", "ASR"), ("clean_acc", "C-Acc"))):
+            shown = []
             for label in order:
                 points = series[label]
                 xs = [100 * pr for pr in points]
-                style = dict(color="grey", linestyle="--") if label == NO_DEFENSE else {}
-                ax.errorbar(xs, [p[metric][0] for p in points.values()], yerr=[p[metric][1] for p in points.values()],
-                            marker="o", markersize=4, capsize=3,
-                            label=label if label == NO_DEFENSE else display_name(label), **style)
+                means = [p[metric][0] for p in points.values()]
+                stds = [p[metric][1] if p[metric][2] > 1 else math.nan for p in points.values()]
+                ns = [p[metric][2] for p in points.values()]
+                shown += [m + (0 if math.isnan(d) else sign * d) for m, d in zip(means, stds) for sign in (-1, 1)]
+                n_text = f"n={ns[0]}" if len(set(ns)) == 1 else f"n={min(ns)}–{max(ns)}"
+                style = (dict(color="grey", linestyle="--") if undefended == [label]
+                         else dict(linestyle="--") if label in undefended else {})
+                bars = ax.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3,
+                                   label=f"{_series_label(label)}, {n_text}", **style)
+                if len(set(ns)) > 1:  # say which points rest on fewer replicates
+                    colour = bars.lines[0].get_color()
+                    for x, y, k in zip(xs, means, ns):
+                        ax.annotate(f"n={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
             ax.set_xscale("log")
             ax.set_xticks([100 * p for p in pratios], [f"{100 * p:g}" for p in pratios])
             ax.minorticks_off()
             ax.set_xlabel("poisoning ratio (%)")
             ax.set_ylabel(f"{name} (%)")
-            ax.set_ylim(-3, 103)
+            ax.set_ylim(*((-3, 103) if metric == "asr" else _data_limits(shown)))
             ax.grid(alpha=0.3)
-            ax.set_title(name)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{dataset} / {model} / {attack}: metrics vs pratio (mean ± sample std over replicates)")
-        written.append(_save(fig, out_dir / f"pratio_{dataset}_{model}_{attack}.png"))
-    return written
+            ax.set_title(name + (" (axis fitted to the data)" if metric == "clean_acc" else ""))
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2 if len(order) > 3 else len(order),
+                   fontsize=8)
+        fig.suptitle(f"{dataset} / {model} / {attack}: metrics vs pratio (mean ± sample std over n replicates)")
+        figures.append((fig, out_dir / f"pratio_{dataset}_{model}_{attack}.png"))
+    return [_save(fig, path) for fig, path in figures]  # drawn first, written after: an error leaves no half set
 
 
 # --- 2. training curves ------------------------------------------------------------------------
@@ -241,43 +350,87 @@ def _points(rows: list[dict[str, str]], key: str) -> tuple[list[float], list[flo
     return xs, ys
 
 
-def plot_curves(record_folder: str | Path, out: str | Path, modes: Sequence[str] | None = None, tag: str = "") -> Path:
-    """Four panels: the victim's training (record/metrics.csv: C-Acc, ASR, RA per epoch), then C-Acc,
-    ASR and RA per tuning epoch of each purification (defense/<mode>[_<tag>]/metrics.csv, one line per
-    mode). Epochs without evaluation (empty or nan cells, ft.py --eval_every k) are skipped, and every
-    evaluated epoch gets a marker, so sparse curves stay readable."""
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv (attack/*.py or ft.py), which must have an epoch column, at least one of
+    clean_acc/asr/ra, and one evaluated epoch."""
+    rows = read_csv_rows(path, ("epoch",), "metrics.csv")
+    have = [key for key, _ in METRICS if key in rows[0]]
+    if not have:
+        raise UserError(f"{path} has none of the columns {', '.join(k for k, _ in METRICS)}: not a metrics.csv of "
+                        f"attack/*.py or fine_tune/ft.py")
+    if not any(_points(rows, key)[0] for key in have):
+        raise UserError(f"{path} has no evaluated epoch (every {'/'.join(have)} cell is empty or not a number)")
+    return rows
+
+
+def _before(folder: Path, record_folder: Path) -> dict[str, float] | None:
+    """The victim's C-Acc, ASR and RA before a purification (in percent): its result.json's `before`,
+    else the record's summary.json (the same model); None when neither has them."""
+    for path, keys in ((folder / RESULT_FILE, ("before",)), (record_folder / SUMMARY_FILE, ())):
+        if not path.is_file():
+            continue
+        data = _read_json_object(path)
+        for key in keys:
+            data = data.get(key)
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: `{key}` is not an object of clean_acc, asr and ra")
+        return {k: 100 * _num(data.get(k)) for k, _ in METRICS}
+    return None
+
+
+def default_figure(folder: str | Path, name: str) -> Path:
+    """<folder>/figures/<name>: where a figure goes without --out."""
+    return Path(folder) / FIGURES_DIR / name
+
+
+def plot_curves(record_folder: str | Path, out: str | Path | None = None, modes: Sequence[str] | None = None,
+                tag: str = "") -> Path:
+    """Four panels: the victim's training (record/metrics.csv: C-Acc, ASR, RA per epoch, 0-100), then
+    C-Acc (axis fitted to the data), ASR and RA (0-100) per tuning epoch of each purification
+    (defense/<mode>[_<tag>]/metrics.csv, one line per mode), each line starting at epoch 0 with the
+    victim's values before purification (result.json's `before`, else the record's summary.json).
+    Epochs without evaluation (empty or nan cells, ft.py --eval_every k) are skipped, and every
+    evaluated epoch gets a marker, so sparse curves stay readable. Default `out`:
+    <record_folder>/figures/curves[_<tag>].png."""
     Figure = _figure_class()
     from matplotlib.ticker import MaxNLocator
 
     folder = Path(record_folder)
+    out = _check_png(out if out is not None else default_figure(folder, f"curves{'_' + tag if tag else ''}.png"))
     metrics = folder / METRICS_FILE
     if not metrics.is_file():
         raise UserError(f"{metrics} does not exist; {folder} is not a record folder (or its attack did not finish)")
-    victim = read_csv_rows(metrics)
-    runs = [(mode, read_csv_rows(f / METRICS_FILE)) for mode, f in _defense_runs(folder, modes, tag)]
+    victim = read_metrics(metrics)
+    runs = [(mode, read_metrics(f / METRICS_FILE), _before(f, folder)) for mode, f in _defense_runs(folder, modes, tag)]
     cfg = _read_config(folder)
-    fig = Figure(figsize=(18, 4.2), layout="tight")
+    fig = Figure(figsize=(18, 4.4), layout="tight")
     axes = fig.subplots(1, 4)
     for key, label in METRICS:
         axes[0].plot(*_points(victim, key), marker="o", markersize=3, label=label)
     axes[0].set_title(f"victim training ({cfg.get('attack', 'attack')})")
+    acc_values = []
     for ax, (key, label) in zip(axes[1:], METRICS):
-        for mode, rows in runs:
-            ax.plot(*_points(rows, key), marker="o", markersize=3, label=display_name(mode))
-        ax.set_title(f"{label} during purification")
+        for mode, rows, before in runs:
+            xs, ys = _points(rows, key)
+            if before is not None and not math.isnan(before[key]):
+                xs, ys = [0.0, *xs], [before[key], *ys]
+            ax.plot(xs, ys, marker="o", markersize=3, label=display_name(mode))
+            if key == "clean_acc":
+                acc_values += ys
+        ax.set_title(f"{label} during purification" + (" (axis fitted)" if key == "clean_acc" else ""))
         if not runs:
             ax.text(0.5, 0.5, "no purification results", ha="center", va="center", transform=ax.transAxes)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (0: before purification)" if ax is not axes[0] else "epoch")
         ax.set_ylabel("%")
-        ax.set_ylim(-3, 103)
+        ax.set_ylim(*(_data_limits(acc_values) if ax is axes[1] and acc_values else (-3, 103)))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     title = _record_title(cfg.get("dataset", "?"), cfg.get("model", "?"), cfg.get("attack", "?"), cfg.get("pratio", "?"))
     fig.suptitle(title + (f" (tag {tag})" if tag else ""))
-    return _save(fig, _check_png(out))
+    return _save(fig, out)
 
 
 # --- 3. t-SNE of penultimate features ------------------------------------------------------------
@@ -295,7 +448,20 @@ def _class_colours(num_classes: int):
     return (lambda c: cmap(c % cmap.N)) if name != "turbo" else (lambda c: cmap(c / max(num_classes - 1, 1)))
 
 
-def plot_tsne(record_folder: str | Path, out: str | Path, modes: Sequence[str] = ("ft", "fst"), n: int = 500, seed: int = 0,
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    """The data set's class names where known (CIFAR-10, Fashion-MNIST), else "class <i>"."""
+    names = CLASS_NAMES.get(dataset)
+    if names and len(names) == num_classes:
+        return [f"{i} {name}" for i, name in enumerate(names)]
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def tsne_figure_name(modes: Sequence[str]) -> str:
+    """tsne_<mode>-<mode>.png: the default file name, one per choice of modes."""
+    return f"tsne_{'-'.join(modes) or 'none'}.png"
+
+
+def plot_tsne(record_folder: str | Path, out: str | Path | None = None, modes: Sequence[str] = ("ft", "fst"), n: int = 500, seed: int = 0,
               device: str | torch.device = "cpu", dataset_path: str | Path | None = None, *, amp: torch.dtype | None = None,
               perplexity: float = 30.0, iterations: int = 750, progress: bool = False) -> Path:
     """The feature-shift picture: one t-SNE panel per model (the backdoored one, then each purified
@@ -311,8 +477,8 @@ def plot_tsne(record_folder: str | Path, out: str | Path, modes: Sequence[str] =
     Figure = _figure_class()
     import matplotlib.lines as mlines
 
-    out = _check_png(out)
     folder = Path(record_folder)
+    out = _check_png(out if out is not None else default_figure(folder, tsne_figure_name(list(modes))))
     if n < 5:
         raise UserError(f"--n {n}: the picture needs at least 5 clean and 5 poisoned images")
     modes = list(modes)
@@ -351,8 +517,9 @@ def plot_tsne(record_folder: str | Path, out: str | Path, modes: Sequence[str] =
                        "poisoned_nn_true_class": float((vote == bd_true).double().mean()),
                        "poisoned_nn_target": float((vote == bd_target).double().mean()), "embedding": emb})
 
-    colour = _class_colours(int(record["num_classes"]))
-    fig = Figure(figsize=(4.6 * len(panels), 4.8), layout="tight")
+    num_classes = int(record["num_classes"])
+    colour = _class_colours(num_classes)
+    fig = Figure(figsize=(4.6 * len(panels) + 2.2, 4.8), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels):
         emb = panel["embedding"]
@@ -363,10 +530,17 @@ def plot_tsne(record_folder: str | Path, out: str | Path, modes: Sequence[str] =
         ax.set_xticks([])
         ax.set_yticks([])
     all2all = record.get("attack_label_trans") == "all2all"
-    handles = [mlines.Line2D([], [], color="grey", marker="o", linestyle="", markersize=4, label="clean (colour = true class)"),
-               mlines.Line2D([], [], color="black", marker="x", linestyle="", markersize=5,
-                             label="poisoned (all2all)" if all2all else f"poisoned (→ target {record['attack_target']})")]
-    axes[0].legend(handles=handles, fontsize=8, loc="best")
+    poisoned = mlines.Line2D([], [], color="black", marker="x", linestyle="", markersize=5,
+                             label="poisoned (all2all)" if all2all else f"poisoned (target {record['attack_target']})")
+    names = class_names(str(record["dataset"]), num_classes)
+    shown = sorted({int(c) for c in classes})
+    if len(shown) <= 20:  # one key entry per class drawn
+        handles = [mlines.Line2D([], [], color=colour(c), marker="o", linestyle="", markersize=5, label=names[c])
+                   for c in shown]
+    else:  # too many for a key: say how the colours run
+        handles = [mlines.Line2D([], [], color=colour(shown[0]), marker="o", linestyle="", markersize=5,
+                                 label=f"clean, coloured by class ({names[shown[0]]} … {names[shown[-1]]}, turbo colours)")]
+    fig.legend(handles=[*handles, poisoned], loc="outside right center", fontsize=8, title="clean: true class", title_fontsize=8)
     fig.suptitle(f"{_record_title(record['dataset'], record['model_name'], record['attack'], record['pratio'])}: "
                  f"penultimate features, t-SNE of {n_clean} clean + {n_bd} poisoned test images")
     _save(fig, out)
@@ -390,20 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 "training curves and feature t-SNE (needs matplotlib)")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pratio", help="ASR and C-Acc against pratio, one PNG per dataset/model/attack")
-    a.add_argument("--csv", required=True, help="the long results CSV (python -m utils.results)")
-    a.add_argument("--out", required=True, help="folder for the PNGs")
+    a.add_argument("root", nargs="?", help="record root to collect results from (as python -m utils.results does)")
+    a.add_argument("--csv", help="or: the long results CSV of python -m utils.results --csv")
+    a.add_argument("--out", help="folder for the PNGs (default: <root>/figures, or figures/ beside the CSV)")
     a.add_argument("--dataset", nargs="+", help="only these datasets")
     a.add_argument("--model", nargs="+", help="only these models")
     a.add_argument("--attacks", nargs="+", help="only these attacks")
     a.add_argument("--modes", nargs="+", help="only these purification modes")
     c = sub.add_parser("curves", help="training curves of a record and its purifications")
     c.add_argument("record_folder")
-    c.add_argument("--out", required=True, help="the PNG to write")
+    c.add_argument("--out", help="the PNG to write (default <record_folder>/figures/curves[_<tag>].png)")
     c.add_argument("--modes", nargs="+", help="purification modes (default: every one with metrics)")
     c.add_argument("--tag", default="", help="draw defense/<mode>_<tag>/ instead of defense/<mode>/")
     t = sub.add_parser("tsne", help="t-SNE of penultimate features, backdoored vs purified models")
     t.add_argument("record_folder")
-    t.add_argument("--out", required=True, help="the PNG to write (scores go to the .json beside it)")
+    t.add_argument("--out", help="the PNG to write, scores go to the .json beside it "
+                   "(default <record_folder>/figures/tsne_<modes>.png)")
     t.add_argument("--modes", nargs="+", default=["ft", "fst"], help="purified models under defense/ (default ft fst)")
     t.add_argument("--n", type=int, default=500, help="clean and poisoned test images each (default 500)")
     t.add_argument("--seed", type=int, default=0, help="image choice and t-SNE seed (default 0)")
@@ -415,10 +591,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pratio_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
+    """The rows for the pratio figures, from a record root or a long CSV, and the default output folder."""
+    if (args.root is None) == (args.csv is None):
+        raise UserError("pratio needs a record root or --csv FILE (one of them): python -m utils.plots pratio RECORD_ROOT")
+    if args.csv is not None:
+        csv_path = Path(args.csv)
+        return read_csv_rows(csv_path, PRATIO_COLUMNS, "long results CSV (python -m utils.results --csv)"), \
+            csv_path.parent / FIGURES_DIR
+    rows, warnings = results.collect(args.root)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not rows:
+        raise UserError(f"no results under {args.root} (no record folder with config.yaml and summary.json)")
+    return rows, Path(args.root) / FIGURES_DIR
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     if args.command == "pratio":
-        written = plot_vs_pratio(read_csv_rows(args.csv), args.out, args.dataset, args.model, args.attacks, args.modes)
+        rows, default_out = _pratio_rows(args)
+        out_dir = Path(args.out) if args.out is not None else default_out
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out {out_dir} is a file; the pratio figures need a folder")
+        written = plot_vs_pratio(rows, out_dir, args.dataset, args.model, args.attacks, args.modes)
     elif args.command == "curves":
         written = [plot_curves(args.record_folder, args.out, args.modes, args.tag)]
     else:
@@ -427,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                         amp=engine.amp_dtype(args.amp, device), progress=args.progress)
         written = [out, out.with_suffix(".json")]
     for path in written:
-        print(path)
+        print(f"wrote {path}")
     return written
 
 
