@@ -353,10 +353,10 @@ def _points(rows: list[dict[str, str]], key: str) -> tuple[list[float], list[flo
 def read_metrics(path: Path) -> list[dict[str, str]]:
     """The rows of a metrics.csv (attack/*.py or ft.py), which must have an epoch column, at least one of
     clean_acc/asr/ra, and one evaluated epoch."""
-    rows = read_csv_rows(path, ("epoch",), "metrics.csv")
+    rows = read_csv_rows(path, ("epoch",), METRICS_FILE)
     have = [key for key, _ in METRICS if key in rows[0]]
     if not have:
-        raise UserError(f"{path} has none of the columns {', '.join(k for k, _ in METRICS)}: not a metrics.csv of "
+        raise UserError(f"{path} has none of the columns {', '.join(k for k, _ in METRICS)}: not a {METRICS_FILE} of "
                         f"attack/*.py or fine_tune/ft.py")
     if not any(_points(rows, key)[0] for key in have):
         raise UserError(f"{path} has no evaluated epoch (every {'/'.join(have)} cell is empty or not a number)")

@@ -5,9 +5,13 @@ and ASR after purification and after the retuning attack, one row per model: the
     python -m utils.robustness_table record/robustness_fmnist --dataset fmnist --model smallcnn --attacks badnet blended \
         --retune_tags '' p20 --qra
 
-A missing result is shown as "-" (the table of a sweep that is still running is still printed).
-Below the table, one line per attack names the retuning set(s) RA used, so that a table mixing the
-shared set (every row retuned on the same split, the default) with per-defense subsets shows it.
+Each cell is one result file, found by its path (<root>/<dataset>/<attack>/<record>/...): nothing is
+averaged, so no two recipes are ever merged. A missing or unreadable result is shown as "-" (the table
+of a sweep that is still running is still printed); a root without any of the records asked for is an
+error. Below the table, one line per attack names the retuning set(s) RA used, so that a table mixing
+the shared set (every row retuned on the same split, the default) with per-defense subsets shows it,
+and a line names the settings in which the rows' recipes differ: the clean model's victim against the
+backdoored one (e.g. epochs), or the retuning attacks of one tag (e.g. ra.epochs).
 """
 from __future__ import annotations
 
@@ -16,8 +20,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 from utils.defenses.purify import ALL_MODES
-from utils.record.layout import RESULT_FILE, defense_folder, qra_folder, record_path, retune_folder
+from utils.errors import UserError, run_cli
+from utils.record.layout import CONFIG_FILE, RESULT_FILE, defense_folder, existing_records, qra_folder, record_path, retune_folder
+from utils.record.recipe import differing_settings, recipe_label, recipe_part, recipe_text
 
 #: the rows of the NeurIPS 2024 table: the clean model, the unpurified one, then these modes (titles from the registry)
 TABLE_MODES = ("ft", "fst", "ft-sam", "bti", "pam")
@@ -25,10 +33,22 @@ ROWS = (("clean", "clean model"), ("none", "no defense"), *((m, ALL_MODES[m].tit
 
 
 def _read(path: Path) -> dict | None:
+    """A result file's object; None when missing, unreadable or not a JSON object (shown as "-")."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def _metrics(data: dict | None, *keys: str) -> dict | None:
+    """data[keys...] when it holds numeric clean_acc and asr, else None."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
+                                             for k in ("clean_acc", "asr")):
+        return None
+    return data
 
 
 def _results(root: Path, dataset: str, model: str, attack: str, row: str, pratio: float, target: int,
@@ -39,17 +59,17 @@ def _results(root: Path, dataset: str, model: str, attack: str, row: str, pratio
     if row in ("clean", "none"):
         base = record_path(root, dataset, attack, 0.0, target, model) if row == "clean" else rec
         retuned = _read(retune_folder(base, tag) / RESULT_FILE)
-        plain = retuned or _read(retune_folder(base) / RESULT_FILE)
-        return (plain["before"] if plain else None), retuned, _read(qra_folder(base) / RESULT_FILE)
+        plain = _metrics(retuned, "before") or _metrics(_read(retune_folder(base) / RESULT_FILE), "before")
+        return plain, retuned, _read(qra_folder(base) / RESULT_FILE)
     result = _read(defense_folder(rec, row) / RESULT_FILE)
-    return ((result["after"] if result else None), _read(retune_folder(defense_folder(rec, row), tag) / RESULT_FILE),
+    return (_metrics(result, "after"), _read(retune_folder(defense_folder(rec, row), tag) / RESULT_FILE),
             _read(qra_folder(defense_folder(rec, row)) / RESULT_FILE))
 
 
 def ra_set(retuned: dict) -> str:
     """How a retuning result chose its clean split, in words (results from before the shared set
     existed always used the purification's own subset)."""
-    t = retuned.get("tuning") or {}
+    t = retuned.get("tuning") if isinstance(retuned.get("tuning"), dict) else {}
     source = t.get("source", "defense")
     what = "shared split" if source == "shared" else "the defense's own split"
     size = retuned.get("tuning_size")
@@ -67,11 +87,11 @@ def cells(root: Path, dataset: str, model: str, attack: str, row: str, pratio: f
         purified, retuned, qra_result = _results(root, dataset, model, attack, row, pratio, target, tag)
         if i == 0:
             out += [100 * purified["clean_acc"], 100 * purified["asr"]] if purified else [None, None]
-        after = retuned["after"] if retuned else None
+        after = _metrics(retuned, "after")
         out += [100 * after["clean_acc"], 100 * after["asr"]] if after else [None, None]
     if qra:
-        after = (qra_result or {}).get("after")
-        out += [100 * after["purified"]["asr"], 100 * after["clean"]["asr"]] if after else [None, None]
+        purified, clean = _metrics(qra_result, "after", "purified"), _metrics(qra_result, "after", "clean")
+        out += [100 * purified["asr"] if purified else None, 100 * clean["asr"] if clean else None]
     return out
 
 
@@ -79,15 +99,62 @@ def _poison_label(root: Path, dataset: str, model: str, attack: str, pratio: flo
     """'RA n' with the poisoned-sample count of the first result found for this tag, else the tag."""
     for key, _ in ROWS:
         retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
-        if retuned and retuned.get("poison_num") is not None:
+        if retuned and isinstance(retuned.get("poison_num"), int):
             return f"RA {retuned['poison_num']}"
     return f"RA {tag or 'default'}"
+
+
+def _victim_recipe(folder: Path) -> str | None:
+    """The recipe text of a record's victim (its config.yaml), None without a readable one."""
+    try:
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return recipe_text(recipe_part(config, "attack")) if isinstance(config, dict) else None
+
+
+def recipe_notes(root: Path, dataset: str, model: str, attack: str, pratio: float, target: int,
+                 tags: Sequence[str]) -> list[str]:
+    """One line per way the rows of an attack's table differ in recipe: the clean model's victim
+    against the backdoored one, and the retuning attacks of each tag (their own settings)."""
+    notes = []
+    victims = {label: _victim_recipe(record_path(root, dataset, attack, p, target, model))
+               for label, p in (("clean model", 0.0), ("backdoored", pratio))}
+    found = {label: text for label, text in victims.items() if text is not None}
+    differ = differing_settings({"victims": set(found.values())})
+    if differ:
+        notes.append(f"Victims differ ({attack}): " + "; ".join(f"{label}: {recipe_label(text, differ)}"
+                                                                 for label, text in found.items()))
+    for tag in tags:
+        used: dict[str, list[str]] = {}
+        for key, label in ROWS:
+            retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
+            if retuned and isinstance(retuned.get("args"), dict):
+                used.setdefault(recipe_text(recipe_part(retuned["args"], "retune")), []).append(label)
+        differ = differing_settings({"retune": set(used)})
+        if differ:
+            notes.append(f"Retuning settings differ ({attack}{', tag ' + tag if tag else ''}): "
+                         + "; ".join(f"{', '.join(rows)}: {recipe_label(text, differ)}" for text, rows in used.items()))
+    return notes
+
+
+def check_root(root: Path, dataset: str, model: str, attacks: Sequence[str], pratio: float, target: int) -> None:
+    """A UserError when the root holds none of the record folders the table would read."""
+    if not root.is_dir():
+        raise UserError(f"record root {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    wanted = [record_path(root, dataset, a, p, target, model) for a in attacks for p in (pratio, 0.0)]
+    if not any(folder.is_dir() for folder in wanted):
+        have = existing_records(root)
+        raise UserError(f"no record under {root} for --dataset {dataset} --model {model} --attacks {' '.join(attacks)} "
+                        f"--pratio {pratio} --attack_target {target} (looked for {wanted[0]}, ...); records there: "
+                        f"{', '.join(have[:10]) + (' ...' if len(have) > 10 else '') if have else 'none'}")
 
 
 def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], pratio: float = 0.1, target: int = 0,
              tags: Sequence[str] = ("",), qra: bool = False) -> str:
     """One table per attack: rows are the models, columns C-Acc and ASR after purification (O-),
-    after each retuning attack (P-), and optionally the QRA ASRs; then the retuning-set notes."""
+    after each retuning attack (P-), and optionally the QRA ASRs; then the retuning-set notes and the
+    recipe notes."""
     root = Path(root)
     lines: list[str] = []
     for attack in attacks:
@@ -117,10 +184,12 @@ def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], prati
             elif used:
                 notes.append(f"RA sets ({attack}) differ: "
                              + "; ".join(f"{', '.join(rows)}: {text}" for text, rows in used.items()))
+        notes += recipe_notes(root, dataset, model, attack, pratio, target, tags)
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+    """Print the table (stdout only: redirect it to keep it, e.g. > <record_root>/robustness.md)."""
     p = argparse.ArgumentParser(description="Print the post-purification robustness table of a record root.")
     p.add_argument("record_root")
     p.add_argument("--dataset", default="fmnist")
@@ -132,11 +201,13 @@ def main(argv: Sequence[str] | None = None) -> str:
                    help="retuning results to show, by tag ('' = retune/, p20 = retune_p20/); default ''")
     p.add_argument("--qra", action="store_true", help="add the QRA columns (ASR of poisoned inputs + delta)")
     args = p.parse_args(argv)
-    table = markdown(Path(args.record_root), args.dataset, args.model, args.attacks, args.pratio, args.attack_target,
+    root = Path(args.record_root)
+    check_root(root, args.dataset, args.model, args.attacks, args.pratio, args.attack_target)
+    table = markdown(root, args.dataset, args.model, args.attacks, args.pratio, args.attack_target,
                      args.retune_tags, args.qra)
     print(table)
     return table
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
