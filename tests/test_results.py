@@ -309,3 +309,20 @@ def test_runs_of_different_recipes_are_never_averaged(sweep, tmp_path):
     assert len({(s["mode"], s["recipe"]) for s in results.read_long_csv(out / "s.csv")}) == 4
     data = json.loads((out / "a.json").read_text())
     assert {s["recipe"]["epochs"] for s in data["summary"]} == {1, 3} and len(data["rows"]) == 6
+
+
+def test_a_row_mixing_hardware_says_so(tmp_path):
+    """The device and torch version are no part of the recipe (seeds on a CPU and on a GPU are still
+    replicates), but a row whose replicates come from both is flagged under the table."""
+    root = tmp_path / "hw"
+    for seed, device, version in ((0, "cpu (x86_64, 2 threads)", "2.13.0+cpu"), (1, "cuda:0 (NVIDIA H200)", "2.13.0")):
+        rec = make_record(root, "badnet", 0.1, seed)
+        _json(rec / "summary.json", {**_m(0.9, 0.99, 0.01), "device": device, "versions": {"torch": version}})
+        add_purify(rec, "fst", (0.8, 0.0, 0.7), tune_seed=seed)
+    rows, _ = results.collect(root)
+    assert {r["env"] for r in rows if r["kind"] == "attack"} == {"cpu, torch 2.13.0+cpu", "NVIDIA H200, torch 2.13.0"}
+    md = results.purification_tables(rows)
+    assert "| No defense | 90.00 ± 0.00 |" in md  # still one row of two replicates
+    assert ("Replicates computed on different hardware or torch versions (not part of the recipe): No defense / BadNet "
+            "(NVIDIA H200, torch 2.13.0; cpu, torch 2.13.0+cpu).") in md
+    assert "FST / BadNet" not in md  # its results say nothing about where they ran

@@ -35,11 +35,11 @@ from utils.record.recipe import differing_note, differing_settings, recipe_label
 from utils.record.store import write_text
 
 COLUMNS = ("kind", "dataset", "model", "attack", "pratio", "target", "seed", "mode", "tag", "tune_seed", "clean_acc", "asr",
-           "ra", "before_clean_acc", "before_asr", "before_ra", "der", "epochs", "seconds", "record", "path", "recipe")
+           "ra", "before_clean_acc", "before_asr", "before_ra", "der", "epochs", "seconds", "record", "path", "recipe", "env")
 KINDS = ("attack", "purify", "retune", "qra")
 METRICS = ("clean_acc", "asr", "ra")
 GROUP_KEYS = ("kind", "dataset", "model", "attack", "pratio", "target", "mode", "tag", "recipe")
-STR_COLUMNS = {"kind", "dataset", "model", "attack", "mode", "tag", "record", "path", "recipe"}
+STR_COLUMNS = {"kind", "dataset", "model", "attack", "mode", "tag", "record", "path", "recipe", "env"}
 INT_COLUMNS = {"target", "seed", "tune_seed", "epochs", "n"}
 PRATIO_TOL = 1e-9
 NONE = "none"
@@ -164,6 +164,19 @@ def _result_files(record: Path) -> list[tuple[str, Path]]:
     return [(kind, path) for kind, path in files if path.is_file()]
 
 
+def _env(data: dict) -> str:
+    """Where a result was computed, as far as it says: `cpu` or the GPU's name, and the torch version
+    ("" when it says neither). Not part of the recipe, but a cell mixing two is flagged."""
+    device = data.get("device") if isinstance(data.get("device"), str) else ""
+    if "(" in device and not device.startswith("cpu"):
+        device = device.split("(", 1)[1].rstrip(")")  # cuda:0 (NVIDIA H200) -> NVIDIA H200
+    else:
+        device = device.split(" ", 1)[0]
+    versions = data.get("versions") if isinstance(data.get("versions"), dict) else {}
+    torch_version = versions.get("torch") if isinstance(versions.get("torch"), str) else ""
+    return ", ".join(part for part in (device, f"torch {torch_version}" if torch_version else "") if part)
+
+
 def _run_settings(folder: Path, result: dict | None = None) -> dict:
     """A run's resolved settings: its config.yaml, else the `args` its result.json repeats, else {}
     (results from before either was written)."""
@@ -239,6 +252,7 @@ def collect(root: str | Path) -> tuple[list[dict], list[str]]:
                 warnings.append(f"{path}: {err}")
                 continue
             row["recipe"] = recipe_text(_recipe(kind, row["mode"], path, data, victim, folder))
+            row["env"] = _env(data)
             row.update(record=folder.relative_to(root).as_posix(), path=path.relative_to(root).as_posix())
             rows.append({c: row[c] for c in COLUMNS})
     return sorted(rows, key=_sort_key), warnings
@@ -285,7 +299,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
-    """One entry per (kind, dataset, model, attack, pratio, target, mode, tag): n (replicates = rows)
+    """One entry per (kind, dataset, model, attack, pratio, target, mode, tag, recipe): n (replicates = rows),
+    env (the distinct devices / torch versions of its rows, "; "-separated)
     and <metric>_mean, <metric>_std (sample std, 0 for n=1) of clean_acc, asr, ra and der (der over the
     rows that have one; None where none has). Order: the groups' first appearance in `rows`."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -295,6 +310,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     for members in groups.values():
         entry = {k: members[0][k] for k in GROUP_KEYS}
         entry["n"] = len(members)
+        entry["env"] = "; ".join(sorted({r.get("env") or "" for r in members} - {""}))
         for m in (*METRICS, "der"):
             entry[f"{m}_mean"], entry[f"{m}_std"] = _mean_std([r[m] for r in members if r.get(m) is not None])
         out.append(entry)
@@ -395,6 +411,12 @@ def _tables(rows: Sequence[dict], kinds: Sequence[str], metrics: Sequence[tuple[
             text.append("| " + " | ".join(values) + " |")
         if differ:
             text += ["", differing_note(differ)]
+        mixed = [f"{mode_name(m, t)}{f' ({v})' if v else ''} / {attack_name(a)} ({e['env']})"
+                 for (m, t, v, a), e in sorted(cells.items(), key=lambda kv: (_mode_rank(kv[0][0]), kv[0][1:]))
+                 if ";" in (e.get("env") or "")]
+        if mixed:
+            text += ["", "Replicates computed on different hardware or torch versions (not part of the recipe): "
+                     + "; ".join(mixed) + "."]
         out.append("\n".join(text))
     return "\n\n".join(out)
 
