@@ -422,6 +422,9 @@ def plot_curves(record_folder: str | Path, out: str | Path | None = None, modes:
             ax.text(0.5, 0.5, "no purification results", ha="center", va="center", transform=ax.transAxes)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        lo, hi = ax.get_xlim()
+        if hi - lo < 1:  # a single evaluated epoch: keep whole-number ticks around it
+            ax.set_xlim(round((lo + hi) / 2) - 1, round((lo + hi) / 2) + 1)
         ax.set_xlabel("epoch (0: before purification)" if ax is not axes[0] else "epoch")
         ax.set_ylabel("%")
         ax.set_ylim(*(_data_limits(acc_values) if ax is axes[1] and acc_values else (-3, 103)))
