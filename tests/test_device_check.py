@@ -36,7 +36,7 @@ def test_a_short_check_prints_the_table_and_writes_it(tmp_path):
     assert [r["step"] for r in table["rows"]] == ["attack badnet", "mode ft", "bench"]
     assert all(r["ok"] and r["seconds"] > 0 and r["img_per_s"] > 0 for r in table["rows"]), table["rows"]
     assert table["size"] == "tiny" and table["model"] == "smallcnn" and table["device"].startswith("cpu")
-    assert (out / "device_check.md").read_text().startswith("Device check on cpu")
+    assert (out / "device_check.md").read_text().startswith("Device check on cpu (")
 
 
 def test_a_failing_step_is_a_row_and_the_exit_status(tmp_path, monkeypatch, capsys):

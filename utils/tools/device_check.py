@@ -221,8 +221,8 @@ def check_bench(common: list[str], size: Size, workers: int, timeout: float | No
 
 
 def markdown(rows: list[Row], header: dict) -> str:
-    lines = [f"Device check on {header['device']} ({header['size']} size: {header['train_images']} training "
-             f"images, model {header['model']}; torch {header['versions']['torch']}, {header['date']})", "",
+    lines = [f"Device check on {header['device']}: {header['size']} size ({header['train_images']} training "
+             f"images, model {header['model']}), torch {header['versions']['torch']}, {header['date']}", "",
              "| step | ok | seconds | images/s | note |", "|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r.img_per_s:.0f}" if isinstance(r.img_per_s, (int, float)) else "-"
