@@ -84,7 +84,8 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
     for args, fragment in ((["--modes", "fts"], "--modes: unknown mode fts"),
                            (["--model", "resnet99"], "unknown --model 'resnet99'"),
                            (["--out", str(afile)], "is a file"),
-                           (["--timeout", "-1"], "--timeout")):
+                           (["--timeout", "-1"], "--timeout"),
+                           (["--work_dir", str(tmp_path)], "is not an empty folder")):
         with pytest.raises(UserError, match=re.escape(fragment)):
             device_check.main(["--device", "cpu", "--work_dir", str(work), *args])
-    assert afile.read_text() == "keep" and not work.exists()
+    assert afile.read_text() == "keep" and not work.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", metavar="MODE", help="only these purification modes (default: every registered one)")
     p.add_argument("--bench", default="true", choices=("true", "false"), help="run the benchmark at the end (default true)")
     p.add_argument("--out", default="", help="folder to write device_check.md and device_check.json into")
-    p.add_argument("--work_dir", default="", help="keep the generated data, records and logs here (default: a temporary "
-                                                  "folder, removed at the end)")
+    p.add_argument("--work_dir", default="", help="keep the generated data, records and logs in this new or empty folder "
+                                                  "(default: a temporary folder, removed at the end)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one step may take (default 1800; 0: no limit)")
     return p
 
@@ -277,6 +277,9 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    if args.work_dir and Path(args.work_dir).exists() and (not Path(args.work_dir).is_dir() or any(Path(args.work_dir).iterdir())):
+        # the steps write records there and never replace one: a folder of an earlier check would fail them all
+        raise UserError(f"--work_dir {args.work_dir} exists and is not an empty folder; give a new one")
     header = {"device": device_name(device), "size": args.size, "model": size.model,
               "train_images": 5 * size.train_per_batch, "test_images": size.test,
               "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
