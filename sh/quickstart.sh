@@ -12,3 +12,4 @@ start=$(date +%s)
 "$PY" fine_tune/ft.py --attack badnet --dataset fmnist --model smallcnn --pratio 0.1 --attack_target 0 \
   --ft_mode all --device auto --record_root record/quickstart --overwrite true --progress false
 echo "quickstart finished in $(( $(date +%s) - start )) s; results in record/quickstart/fmnist/badnet/"
+echo "to go on from this record (README: Typical workflow), add --record_root record/quickstart to ft.py, ft_poison.py and qra.py"

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from utils.errors import UserError
+from utils.errors import UserError, interactive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,14 @@ def parse_bool(text: Any) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_progress(text: Any) -> bool:
+    """A `progress` setting: true, false, or `auto` (the default), which draws bars only when the
+    output goes to a terminal, not to a log file or a pipe."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return interactive()
+    return parse_bool(text)
 
 
 def parse_optional_float(text: Any) -> float | None:
@@ -94,6 +102,7 @@ def within(low: float, high: float, low_open: bool = False, high_open: bool = Fa
 
 def _kind_name(kind) -> str:
     return {int: "an integer", float: "a number", str: "a string", parse_bool: "true or false",
+            parse_progress: "true, false or auto",
             parse_optional_float: "a number or none"}.get(kind, kind.__name__)
 
 
@@ -185,13 +194,19 @@ def parse_command(options: Sequence[Option], argv: Sequence[str] | None, descrip
 def resolve(options: Sequence[Option], layers: Sequence[tuple[str, dict[str, Any]]], cli: dict[str, Any]) -> dict[str, Any]:
     """Defaults < each YAML layer in order < command-line flags; every value converted and checked."""
     by_name = {o.name: o for o in options}
-    cfg = {o.name: o.default for o in options}
+    cfg = {o.name: _default(o) for o in options}
     for _source, layer in layers:
         cfg.update(layer)
     for key, value in cli.items():
         if key in by_name:
             cfg[key] = by_name[key].convert(value, f"--{key}")
     return cfg
+
+
+def _default(opt: Option) -> Any:
+    """An option's built-in default; `progress: auto` is decided here, when the command runs, since
+    it depends on where this run's output goes."""
+    return opt.kind(opt.default) if opt.kind is parse_progress else opt.default
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:

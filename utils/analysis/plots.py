@@ -41,7 +41,7 @@ from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FI
 from utils.commands.driver import build_loaded_model, load_source_state
 from utils.analysis.tsne import knn_separation, knn_vote, tsne
 from utils.record.store import load_record, write_bytes, write_json
-from utils.config import parse_bool
+from utils.config import parse_progress
 from utils.victim.experiment import rebuild_experiment
 
 DPI = 120
@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     t.add_argument("--amp", default="none", choices=("auto", "bf16", "fp16", "none"),
                    help="mixed precision of the feature extraction (default none)")
-    t.add_argument("--progress", type=parse_bool, default=True, help="show progress bars")
+    t.add_argument("--progress", type=parse_progress, default="auto",
+                   help="progress bars: true, false or auto (default auto: only on a terminal)")
     return p
 
 

@@ -18,7 +18,7 @@ from torch import nn
 import models
 from utils import engine
 from utils.attacks.registry import get_attack
-from utils.config import Option, REPO_ROOT, dump_yaml, non_negative, parse_bool, parse_command
+from utils.config import Option, REPO_ROOT, dump_yaml, non_negative, parse_bool, parse_command, parse_progress
 from utils.data.datasets import DATASETS, dataset_info
 from utils.errors import UserError
 from utils.attacks.poison import check_pratio
@@ -52,7 +52,8 @@ def run_options(tag_help: str, overwrite_help: str) -> list[Option]:
         Option("device", str, "cuda:0", "cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)"),
         Option("amp", str, "auto", "mixed precision (default auto)", choices=("auto", "bf16", "fp16", "none")),
         Option("eval_batch_size", int, 0, "evaluation batch size (default 0: 1024 on GPU, 256 on CPU)", check=non_negative),
-        Option("progress", parse_bool, True, "show progress bars (default true)"),
+        Option("progress", parse_progress, "auto", "progress bars: true, false or auto (default auto: only when the "
+                                                    "output goes to a terminal)"),
     ]
 
 

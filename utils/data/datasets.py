@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, interactive
 from utils import compat
 
 
@@ -325,7 +325,7 @@ def _decode_images(paths: Sequence[Path], size: int, what: str) -> np.ndarray:
 
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     bar = tqdm(paths, desc=f"decoding {what}", unit="img", leave=False, file=sys.stderr,
-               disable=len(paths) < _PROGRESS_MIN_FILES)
+               disable=len(paths) < _PROGRESS_MIN_FILES or not interactive())
     for i, path in enumerate(bar):
         try:
             with Image.open(path) as img:

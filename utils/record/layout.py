@@ -60,7 +60,25 @@ def find_record(root: str | Path, dataset: str, attack: str, pratio: float, targ
     have = existing_records(root)
     listing = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "") if have else "none"
     raise UserError(f"no record at {folder}/{RECORD_FILE} (from --dataset {dataset} --attack {attack} "
-                    f"--pratio {pratio} --attack_target {target} --model {model}); records under {root}: {listing}")
+                    f"--pratio {pratio} --attack_target {target} --model {model}); records under {root}: {listing}"
+                    + _nested_hint(Path(root), folder.relative_to(root)))
+
+
+def _nested_hint(root: Path, wanted: Path) -> str:
+    """Records kept one folder deeper, in a root of their own (the quickstart's record/quickstart/,
+    a sweep's seed_<s>/), and the --record_root that reaches them; empty when there are none."""
+    if not root.is_dir():
+        return ""
+    found = sorted(p.parent.relative_to(root) for p in root.glob(f"*/*/*/*/{RECORD_FILE}")
+                   if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not found:
+        return ""
+    same = [root / p.parts[0] for p in found if Path(*p.parts[1:]) == wanted]
+    if same:
+        return f"; this record exists under {', '.join(map(str, same))}: add --record_root {same[0]}"
+    listing = ", ".join(map(str, found[:20])) + (" ..." if len(found) > 20 else "")
+    subs = sorted({str(root / p.parts[0]) for p in found})
+    return f"; in sub-folders of {root}: {listing} (use them with --record_root {' or '.join(subs[:3])})"
 
 
 def tagged(name: str, tag: str) -> str:

@@ -24,6 +24,7 @@ from utils.config import (
     build_parser,
     load_yaml,
     parse_bool,
+    parse_progress,
     resolve,
     resolve_path,
 )
@@ -64,7 +65,7 @@ COMMON_OPTIONS: list[Option] = [
     Option("record_root", str, "record", "folder that holds the records"),
     *RESOURCE_OPTIONS,
     Option("overwrite", parse_bool, False, "replace an existing record", yaml=False),
-    Option("progress", parse_bool, True, "show progress bars"),
+    Option("progress", parse_progress, "auto", "progress bars: true, false or auto (only on a terminal)"),
 ]
 
 
