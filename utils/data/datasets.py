@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 import pickle
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,8 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
 from utils import compat
+from utils.errors import UserError
+from utils.fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -362,21 +361,12 @@ def _cached_decode(cache: Path, paths: Sequence[Path], labels: Sequence[int], si
         "images": data.images,
         "labels": data.labels,
     }
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp_name, cache)
-        tmp_name = None
+        # through the shared atomic writer: the usual file mode (not mkstemp's 0600), so that a data
+        # folder shared by a group keeps one cache for everyone
+        atomic_write(cache, lambda fh: torch.save(payload, fh))
     except (OSError, RuntimeError):
         pass  # read-only or full data folder: caching is an optimisation only
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
     return data
 
 
