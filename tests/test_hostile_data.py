@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import REPO_ROOT, write_tiny_fmnist
 from test_datasets import write_gtsrb, write_tiny
+from utils.attacks import triggers
 from utils.data import datasets
-from utils.data.datasets import load_dataset
+from utils.data.datasets import load_dataset, read_image
+from utils.engine.pipeline import Pipeline
 from utils.errors import UserError
 from utils.record.layout import CONFIG_FILE
 
@@ -134,6 +137,12 @@ def _cli_cases(tiny_cifar10: Path, base: Path) -> list[tuple[str, str, str, Path
          "badnet", cifar, [], [batch("pickle-runs-code"), "refusing to load", "system"]),
         ("dataset-path-file", huge_png(base / "a-file.png"), "badnet", cifar, [],
          [str(base / "a-file.png"), "is a file", "folder"]),
+        ("trigger-huge-png", tiny_cifar10, "blended", cifar, ["--trigger_path", str(huge_png(base / "bomb.png"))],
+         [str(base / "bomb.png"), "trigger_path", "400000000 pixels", "4096x4096"]),
+        ("patch-size-huge", tiny_cifar10, "badnet", cifar, ["--patch_size", "2000000000"],
+         ["--patch_size", "[1, 32]", "2000000000"]),
+        ("input-size-huge", tiny_cifar10, "badnet", cifar, ["--input_size", "100000"],
+         ["--input_size", "[0, 4096]", "100000"]),
     ]
     idx_dir = base / "fmnist-huge-dim"
     write_tiny_fmnist(idx_dir, n_train=10, n_test=10)
@@ -382,6 +391,53 @@ def test_tiny_malformed_files_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# trigger images and size options
+
+
+@pytest.mark.parametrize("claim", [(20000, 20000), (10000, 10000), (5000, 4000)])
+def test_trigger_image_claiming_a_huge_size_is_refused(tmp_path, claim):
+    """Past twice PIL's limit it raises, past the limit it warns, below it only our limit applies."""
+    path = huge_png(tmp_path / "key.png", *claim)
+    with pytest.raises(UserError) as err:
+        triggers.blend_key(3, 32, str(path))
+    _one_line(err, str(path), "trigger_path", "pixels", "4096x4096")
+
+
+def test_trigger_image_damaged_or_not_a_file(tmp_path):
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(UserError) as err:
+        triggers.blend_key(1, 28, str(truncated))
+    _one_line(err, str(truncated), "cannot decode")
+    with pytest.raises(UserError) as err:
+        triggers.blend_key(3, 32, str(tmp_path))
+    _one_line(err, str(tmp_path), "is a folder")
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (4096, 2), (10, 20, 30)).save(ok)  # at the limit's edge in one direction: fine
+    assert read_image(ok, "RGB", 8, "x").shape == (8, 8, 3)
+
+
+def test_badnet_patch_is_checked_before_allocating():
+    with pytest.raises(UserError) as err:
+        triggers.badnet_trigger("square", 3, 32, 2_000_000_000)
+    _one_line(err, "patch_size 2000000000", "does not fit 32 px")
+    with pytest.raises(UserError) as err:
+        triggers.badnet_trigger("grid", 1, 28, 30)
+    _one_line(err, "patch_size 30", "does not fit 28 px")
+
+
+def test_pipeline_refuses_a_huge_input_size():
+    """A record carrying input_size 100000 must not reach the resize of the first batch."""
+    import torch
+    info = datasets.dataset_info("cifar10")
+    with pytest.raises(UserError) as err:
+        Pipeline.for_dataset(info, torch.device("cpu"), 100_000)
+    _one_line(err, "input_size", "4096")
+    assert Pipeline.for_dataset(info, torch.device("cpu"), 224).input_size == 224
+
+
+# ---------------------------------------------------------------------------------------------
 # dataset caches: the usual file mode
 
 
@@ -393,3 +449,12 @@ def test_dataset_cache_gets_the_usual_file_mode(tmp_path):
     assert cache.stat().st_mode & 0o777 == 0o666 & ~_umask()
     assert not [p for p in base.iterdir() if p.name.endswith(".tmp")]
 
+
+def test_ssba_batch_size_is_bounded():
+    """SSBA draws a whole batch of indices at once: 10^12 must be refused, not allocated."""
+    from utils.attacks import ssba
+    cfg = {o.name: o.default for o in ssba.SSBA_OPTIONS}
+    cfg["ssba_batch_size"] = 10**12
+    with pytest.raises(UserError) as err:
+        ssba.check_options(cfg, 32)
+    _one_line(err, "ssba_batch_size", "4096")

@@ -27,6 +27,7 @@ from utils.config import (
     parse_bool,
     resolve,
     resolve_path,
+    within,
 )
 from utils.data.datasets import (
     DATASETS,
@@ -45,7 +46,8 @@ COMMON_OPTIONS: list[Option] = [
     Option("download", parse_bool, False, "download the dataset with torchvision when missing (needs internet)"),
     Option("model", str, "resnet18", "architecture from the model registry"),
     Option("pretrained", parse_bool, False, "start from ImageNet weights (swin_t only)"),
-    Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)"),
+    Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)",
+           check=within(0, engine.MAX_INPUT_SIZE)),
     Option("epochs", int, 100, "training epochs"),
     Option("batch_size", int, 128, "training batch size"),
     Option("lr", float, 0.1, "initial learning rate"),
