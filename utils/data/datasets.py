@@ -228,7 +228,7 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
             raise UserError(f"CIFAR batch {path} is {size / 2**20:.0f} MB, more than any official batch "
                             f"({CIFAR_MAX_FILE_BYTES // 2**20} MB at most); it is not the official python format")
         with open(path, "rb") as f:
-            raw = f.read(CIFAR_MAX_FILE_BYTES + 1)
+            raw = f.read(size + 1)  # read(n) reserves n bytes up front: the size just checked, not the limit
     except OSError as err:
         raise UserError(f"cannot read CIFAR batch {path}: {err.strerror or err}") from None
     try:
