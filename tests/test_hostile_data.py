@@ -198,7 +198,7 @@ def _cifar_dir(tmp_path: Path) -> Path:
     ("data-wrong-width", _batch(np.zeros((2, 100), np.uint8), [1, 2]), ["(2, 100) uint8"]),
     ("data-none", _batch(None, [1, 2]), ["holds data a NoneType"]),
     ("shape-without-data", _batch(_ShapeWithoutData(), [0]), ["buffer size does not match"]),
-    ("huge-array-call", _batch(_HugeArray(), [0]), ["not callable"]),
+    ("huge-array-call", _batch(_HugeArray(), [0]), ["refusing to call numpy.ndarray directly"]),
     ("binbytes8-1tb", BINBYTES8_HUGE, ["corrupt or not the official python format"]),
     ("not-a-dict", pickle.dumps([1, 2, 3]), ["is not a dict"]),
     ("no-labels", pickle.dumps({b"data": np.zeros((1, 3072), np.uint8)}), ["lacks the 'data' or 'labels'"]),

@@ -182,7 +182,15 @@ def _download_torchvision(info: DatasetInfo, root: Path, class_name: str, train:
 #: file is read before unpickling, so this bounds the memory a batch can take
 CIFAR_MAX_FILE_BYTES = 512 * 2**20
 
-_NDARRAY = object()  # what the pickle gets for `numpy.ndarray`: a marker, so it cannot be called
+class _NdarrayMarker:
+    """What the pickle gets for `numpy.ndarray`: a stand-in that `_reconstruct_array` recognises and
+    that refuses to be called (`ndarray(shape)` would allocate whatever shape the file asks for)."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray directly (numpy's own pickles never do)")
+
+
+_NDARRAY = _NdarrayMarker()
 
 
 def _reconstruct_array(subtype, shape, dtype):
