@@ -14,7 +14,7 @@ PROJECT = ("utils", "models")
 
 # lower layers first; a module may import its own layer and the layers below it
 LAYERS = [
-    ["utils.errors", "utils.compat", "utils.config"],
+    ["utils.errors", "utils.compat", "utils.config", "utils.fileio"],
     ["utils.data", "models"],
     ["utils.engine", "utils.record"],
     ["utils.attacks"],

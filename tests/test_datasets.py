@@ -5,6 +5,7 @@ import gzip
 import os
 import pickle
 import socket
+import tempfile
 import types
 from pathlib import Path
 
@@ -456,7 +457,7 @@ def test_gtsrb_unwritable_folder_skips_cache(tmp_path, monkeypatch):
     def no_write(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(datasets.tempfile, "mkstemp", no_write)
+    monkeypatch.setattr(tempfile, "mkstemp", no_write)
     s = load_dataset("gtsrb", tmp_path, train=True)
     assert len(s) == 3
     assert not list(base.glob("*.pt"))

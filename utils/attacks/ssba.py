@@ -149,6 +149,9 @@ def check_options(cfg: dict, image_size: int) -> None:
     for key in ("ssba_steps", "ssba_batch_size", "ssba_width"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be positive, got {cfg[key]}")
+    if cfg["ssba_batch_size"] > 4096:
+        # each step draws this many images (with replacement) at once: bounded before it is allocated
+        raise UserError(f"ssba_batch_size must be at most 4096, got {cfg['ssba_batch_size']}")
     if not cfg["ssba_lr"] > 0:
         raise UserError(f"ssba_lr must be positive, got {cfg['ssba_lr']}")
     if not cfg["ssba_image_weight"] >= 0:

@@ -6,14 +6,14 @@ uint8 batch of the same shape and never touches anything but the images it is gi
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
-import numpy as np
 import torch
 
+from utils.data.datasets import read_image
 from utils.errors import UserError
 
 BADNET_PATTERNS = ("square", "grid")
+#: largest patch_size: the side is given at 32 px, so a larger patch covers more than a whole image
+MAX_BADNET_PATCH = 32
 #: value of the grid's dark cells: the smallest non-zero value, so that they are pasted too
 GRID_DARK = 1
 
@@ -27,13 +27,14 @@ def badnet_trigger(kind: str, channels: int, size: int, patch: int = 3) -> tuple
         raise UserError(f"unknown badnet pattern {kind!r}; choose one of: {', '.join(BADNET_PATTERNS)}")
     if patch < 1:
         raise UserError(f"patch_size must be at least 1, got {patch}")
+    # the size is checked before anything is allocated: a huge patch_size must not reach torch.full
+    side = max(patch, round(patch * size / 32))
+    if side > size:
+        raise UserError(f"patch_size {patch} gives a trigger side of {side} px, which does not fit {size} px images")
     cells = torch.full((patch, patch), 255, dtype=torch.uint8)
     if kind == "grid":
         ii, jj = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
         cells = torch.where((ii + jj) % 2 == 0, 255, GRID_DARK).to(torch.uint8)
-    side = max(patch, round(patch * size / 32))
-    if side > size:
-        raise UserError(f"trigger side {side} px does not fit {size} px images")
     # nearest-neighbour upscaling keeps hard edges
     rep = torch.arange(side) * patch // side
     block = cells[rep][:, rep]
@@ -102,13 +103,8 @@ def blend_key(channels: int, size: int, path: str | None = None, kind: str = "la
     picture, see `landscape_key`) or `noise` (fixed-seed uniform noise: a high-frequency key,
     a different and much easier trigger than the paper's natural image)."""
     if path:
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with Image.open(Path(path)) as img:
-                img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as err:
-            raise UserError(f"blend trigger image {path!r} cannot be read: {err}") from None
+        # header size checked before decoding, every failure one line naming the file
+        arr = read_image(path, "L" if channels == 1 else "RGB", size, "blend trigger image (trigger_path)")
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return torch.from_numpy(arr.copy())
     if kind == "landscape":

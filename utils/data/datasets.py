@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
+import io
 import pickle
+import re
 import socket
 import sys
-import tempfile
-from dataclasses import dataclass
+import warnings
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from utils.errors import UserError, interactive
 from utils import compat
+from utils.errors import UserError, interactive
+from utils.fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,13 @@ class DatasetInfo:
 
 @dataclass
 class ImageSet:
-    """A whole split in memory: `images` uint8 (N, C, H, W) contiguous, `labels` int64 (N,)."""
+    """A whole split in memory: `images` uint8 (N, C, H, W) contiguous, `labels` int64 (N,).
+    `root` is the dataset folder the loader read it from (as a `dataset_path` would name it):
+    the folder it was given, or the system copy it fell back to; None for sets made in memory."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    root: Path | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -90,10 +96,12 @@ def load_dataset(name: str, root: str | Path, train: bool, download: bool = Fals
     """
     info = dataset_info(name)
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"dataset_path {root} is a file; it must be the folder that holds the datasets")
     loader = _LOADERS[name]
     data = loader(info, root, train, download)
     _check(info, data, "train" if train else "test")
-    return data
+    return data if data.root is not None else replace(data, root=root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +140,16 @@ def _check(info: DatasetInfo, data: ImageSet, split: str) -> None:
         )
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """One `note:` line on stderr per message and process (the train and test splits share theirs)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def _make_set(images: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray) -> ImageSet:
     imgs = torch.as_tensor(images)
     if imgs.dtype != torch.uint8:
@@ -160,48 +178,97 @@ def _download_torchvision(info: DatasetInfo, root: Path, class_name: str, train:
 # CIFAR: python pickles
 
 
+#: largest CIFAR batch file read (the official CIFAR-100 `train`, the biggest, is 158 MB); the whole
+#: file is read before unpickling, so this bounds the memory a batch can take
+CIFAR_MAX_FILE_BYTES = 512 * 2**20
+
+class _NdarrayMarker:
+    """What the pickle gets for `numpy.ndarray`: a stand-in that `_reconstruct_array` recognises and
+    that refuses to be called (`ndarray(shape)` would allocate whatever shape the file asks for)."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray directly (numpy's own pickles never do)")
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+def _reconstruct_array(subtype, shape, dtype):
+    """numpy's `_reconstruct`, accepting only the empty array numpy's own pickles start from; the
+    array's real shape and data come afterwards through `__setstate__`, which checks that the data
+    holds exactly as many bytes as the shape declares."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("an array is rebuilt in a way numpy's own pickles never use")
+    return np.ndarray.__new__(np.ndarray, (0,), dtype)
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays: the CIFAR batches need nothing else, and an
-    arbitrary pickle found in a data folder must not be able to run code."""
+    """Unpickler that only rebuilds numpy arrays: the CIFAR batches (dicts of lists, bytes and arrays)
+    need nothing else, and an arbitrary pickle found in a data folder must not be able to run code
+    (a `__reduce__` calling os.system is refused here, by name). `numpy.ndarray` itself is never
+    handed out, since calling it with a huge shape allocates that much memory; arrays come only
+    through `_reconstruct_array` or `_frombuffer` (a view of bytes already read, reshaped)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _reconstruct_array
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, list[int]]:
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch as (data N×3072 uint8, labels N int64), every kind of damage one UserError."""
     try:
+        size = path.stat().st_size
+        if size > CIFAR_MAX_FILE_BYTES:
+            raise UserError(f"CIFAR batch {path} is {size / 2**20:.0f} MB, more than any official batch "
+                            f"({CIFAR_MAX_FILE_BYTES // 2**20} MB at most); it is not the official python format")
         with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise UserError(f"cannot read CIFAR batch {path}: {err}; the file is corrupt or not the official format") from err
+            raw = f.read(size + 1)  # read(n) reserves n bytes up front: the size just checked, not the limit
+    except OSError as err:
+        raise UserError(f"cannot read CIFAR batch {path}: {err.strerror or err}") from None
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as err:  # noqa: BLE001  any failure of the restricted unpickler means a bad file;
+        # MemoryError included: an opcode can claim a length of terabytes that the pickle module
+        # tries to allocate before finding the data missing
+        what = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"cannot read CIFAR batch {path}: {what}; the file is corrupt or not the official "
+                        f"python format") from None
     if not isinstance(batch, dict):
         raise UserError(f"CIFAR batch {path} is not a dict; the file is not the official python format")
     # Files re-pickled under Python 3 may carry str keys instead of the original bytes keys.
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or label_key not in batch:
         raise UserError(f"CIFAR batch {path} lacks the 'data' or '{label_key}' entry")
-    data = np.asarray(batch["data"])
-    labels = [int(x) for x in batch[label_key]]
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(labels):
-        raise UserError(
-            f"CIFAR batch {path} holds data {data.shape} {data.dtype} with {len(labels)} labels; "
-            f"expected N×3072 uint8 with N labels"
-        )
-    return data, labels
+    data, labels = batch["data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise UserError(f"CIFAR batch {path} holds data {shape}; expected an N×3072 uint8 array")
+    if isinstance(labels, np.ndarray):
+        label_list = labels.ravel().tolist() if labels.ndim == 1 else None
+    else:
+        label_list = list(labels) if isinstance(labels, (list, tuple)) else None
+    if label_list is None or not all(isinstance(y, (int, np.integer)) and not isinstance(y, (bool, np.bool_))
+                                     for y in label_list):
+        raise UserError(f"CIFAR batch {path}: '{label_key}' is {type(labels).__name__}, not a list of integers")
+    if len(label_list) != data.shape[0]:
+        raise UserError(f"CIFAR batch {path} holds {data.shape[0]} images but {len(label_list)} labels")
+    if label_list and not (-2**63 <= min(label_list) and max(label_list) < 2**63):
+        raise UserError(f"CIFAR batch {path}: '{label_key}' holds integers beyond 64 bits")
+    return data, np.asarray(label_list, dtype=np.int64)
 
 
 def _load_cifar(info: DatasetInfo, root: Path, train: bool, download: bool) -> ImageSet:
@@ -230,7 +297,7 @@ def _load_cifar(info: DatasetInfo, root: Path, train: bool, download: bool) -> I
         )
     parts = [_read_cifar_batch(folder / f, label_key) for f in files]
     data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
-    labels = [y for p in parts for y in p[1]]
+    labels = np.concatenate([p[1] for p in parts])
     return _make_set(data, labels)
 
 
@@ -250,42 +317,62 @@ def _find_idx(folder: Path, base: str) -> Path | None:
     return None
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse an idx file of unsigned bytes with exactly `ndim` dimensions, validating its header."""
+#: largest idx payload read (the official Fashion-MNIST training images hold 47 MB)
+IDX_MAX_BYTES = 512 * 2**20
+_CHUNK = 1 << 20
+
+
+def _read_idx(path: Path, ndim: int, inner: tuple[int, ...] = ()) -> np.ndarray:
+    """Parse an idx file of unsigned bytes with exactly `ndim` dimensions (the last ones `inner`,
+    when given), raw or gzip-compressed. The header is validated before the data is read, and the
+    data is read in chunks up to the size the header declares, so a header claiming a huge shape,
+    or a small .gz that inflates to gigabytes, is refused without allocating it."""
+    header_len = 4 + 4 * ndim
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise UserError(f"cannot read idx file {path}: {err}; the file is truncated or corrupt") from err
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"idx file {path} is truncated: {len(raw)} bytes, shorter than its header")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
-        raise UserError(
-            f"idx file {path} has magic number 0x{raw[:4].hex()}, expected 0x000008{ndim:02x} "
-            f"(unsigned bytes, {ndim} dimensions); the file is corrupt or of another kind"
-        )
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - header != expected:
-        raise UserError(
-            f"idx file {path} declares shape {tuple(dims)} ({expected} bytes) but holds "
-            f"{len(raw) - header} bytes of data; the file is truncated or corrupt"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+        with open(path, "rb") as probe:
+            gz = probe.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = f.read(header_len)
+            if len(header) < header_len:
+                raise UserError(f"idx file {path} is truncated: {len(header)} bytes, shorter than its header")
+            if header[:3] != b"\x00\x00\x08" or header[3] != ndim:
+                raise UserError(
+                    f"idx file {path} has magic number 0x{header[:4].hex()}, expected 0x000008{ndim:02x} "
+                    f"(unsigned bytes, {ndim} dimensions); the file is corrupt or of another kind"
+                )
+            dims = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            if inner and dims[1:] != inner:
+                raise UserError(f"idx file {path} declares {'x'.join(map(str, dims[1:]))} images, expected "
+                                f"{'x'.join(map(str, inner))}")
+            expected = 1
+            for d in dims:
+                expected *= d
+            if expected > IDX_MAX_BYTES:
+                raise UserError(f"idx file {path} declares shape {dims} ({expected} bytes), more than any "
+                                f"Fashion-MNIST file ({IDX_MAX_BYTES // 2**20} MB at most); the header is corrupt")
+            if not gz and path.stat().st_size - header_len != expected:
+                raise UserError(
+                    f"idx file {path} declares shape {dims} ({expected} bytes) but holds "
+                    f"{path.stat().st_size - header_len} bytes of data; the file is truncated or corrupt")
+            buf = bytearray()
+            while len(buf) <= expected:  # one byte past the declared size is enough to see extra data
+                chunk = f.read(min(_CHUNK, expected + 1 - len(buf)))
+                if not chunk:
+                    break
+                buf += chunk
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read idx file {path}: {err}; the file is truncated or corrupt") from None
+    if len(buf) != expected:
+        got = f"{len(buf)}" if len(buf) <= expected else "more"
+        raise UserError(f"idx file {path} declares shape {dims} ({expected} bytes) but holds {got} bytes of data; "
+                        f"the file is truncated or corrupt")
+    return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
 
 
 def _load_fmnist(info: DatasetInfo, root: Path, train: bool, download: bool) -> ImageSet:
     img_base, lbl_base = _IDX_NAMES[train]
-    candidates = _unique([
-        root / "fmnist",
-        root / "fmnist" / "FashionMNIST" / "raw",
-        root / "FashionMNIST" / "raw",
-        root,
-        FMNIST_SYSTEM_DIR,
-    ])
+    local = _unique([root / "fmnist", root / "fmnist" / "FashionMNIST" / "raw", root / "FashionMNIST" / "raw", root])
+    candidates = _unique(local + [FMNIST_SYSTEM_DIR])
 
     def find() -> tuple[Path, Path] | None:
         for d in candidates:
@@ -305,38 +392,77 @@ def _load_fmnist(info: DatasetInfo, root: Path, train: bool, download: bool) -> 
             f"install it with apt-get install dataset-fashion-mnist"
         )
     img_path, lbl_path = found
-    images = _read_idx(img_path, 3)
+    used = root
+    if img_path.parent not in local:  # the system copy, as a last resort: said, and reported as the root
+        used = FMNIST_SYSTEM_DIR
+        _note_once(f"dataset 'fmnist' not found under {root}; reading the system copy in {FMNIST_SYSTEM_DIR}")
+    images = _read_idx(img_path, 3, (info.image_size, info.image_size))
     labels = _read_idx(lbl_path, 1)
     if images.shape[0] != labels.shape[0]:
         raise UserError(f"{img_path} holds {images.shape[0]} images but {lbl_path} holds {labels.shape[0]} labels")
-    if images.shape[1:] != (info.image_size, info.image_size):
-        raise UserError(f"{img_path} holds {images.shape[1]}×{images.shape[2]} images, expected 28×28")
-    return _make_set(images[:, None].copy(), labels)
+    return replace(_make_set(images[:, None].copy(), labels), root=used)
 
 
 # ----------------------------------------------------------------------------------------------
 # image-folder formats (GTSRB, Tiny-ImageNet): decode once, cache as tensors
 
 
+#: largest image, in pixels, that a dataset or trigger file may declare: 4096 x 4096, far beyond any
+#: supported dataset (64 px) or sensible trigger, far below what would exhaust memory when decoded
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def read_image(path: str | Path, mode: str, size: int, what: str) -> np.ndarray:
+    """Decode one image file as uint8 (size, size) for mode "L" or (size, size, 3) for "RGB",
+    bilinear-resized when its own size differs. PIL opens lazily, so the size in the file's header is
+    checked against `MAX_IMAGE_PIXELS` before a pixel is decoded: a small file claiming 20000 x 20000
+    pixels (a decompression bomb) is refused without the allocation. Every failure is one UserError
+    naming `what` and the file."""
+    from PIL import Image
+
+    path = Path(path)
+    too_big = (f"more than the {MAX_IMAGE_PIXELS} (4096x4096) allowed; refused before decoding, "
+               f"as a decompression bomb would be")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns at open time past its own limit (and raises past twice that): both mean too big
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{what} {path} declares {w}x{h} pixels, {too_big}")
+                img = img.convert(mode)
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                return np.asarray(img, dtype=np.uint8)
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        declared = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise UserError(f"{what} {path} declares {declared}, {too_big}") from None
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} cannot be read: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} cannot be read: it is a folder, not an image file") from None
+    except Exception as err:  # noqa: BLE001  PIL signals damaged files with OSError, ValueError, SyntaxError...
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"cannot decode {what} {path}: {first}") from None
+
+
 def _decode_images(paths: Sequence[Path], size: int, what: str) -> np.ndarray:
     """Decode image files to an (N, 3, size, size) uint8 array, RGB, bilinear-resized if needed."""
-    from PIL import Image
     from tqdm import tqdm
 
+    # every listed file must exist before the whole output array is allocated
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"image file {path} is missing; the {what} data is incomplete")
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     bar = tqdm(paths, desc=f"decoding {what}", unit="img", leave=False, file=sys.stderr,
                disable=len(paths) < _PROGRESS_MIN_FILES or not interactive())
     for i, path in enumerate(bar):
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-        except FileNotFoundError:
-            raise UserError(f"image file {path} is missing; the {what} data is incomplete") from None
-        except Exception as err:  # PIL signals damaged files with OSError, ValueError, SyntaxError...
-            raise UserError(f"cannot decode image {path}: {err}") from err
+        out[i] = read_image(path, "RGB", size, f"{what} image").transpose(2, 0, 1)
     return out
 
 
@@ -362,21 +488,12 @@ def _cached_decode(cache: Path, paths: Sequence[Path], labels: Sequence[int], si
         "images": data.images,
         "labels": data.labels,
     }
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp_name, cache)
-        tmp_name = None
+        # through the shared atomic writer: the usual file mode (not mkstemp's 0600), so that a data
+        # folder shared by a group keeps one cache for everyone
+        atomic_write(cache, lambda fh: torch.save(payload, fh))
     except (OSError, RuntimeError):
         pass  # read-only or full data folder: caching is an optimisation only
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
     return data
 
 
@@ -389,14 +506,23 @@ def _read_gtsrb_csv(csv_path: Path) -> list[tuple[str, int]]:
                 raise UserError(f"{csv_path} lacks the Filename and ClassId columns; it is not a GTSRB annotation file")
             rows = []
             for row in reader:
-                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                # a row longer than the header puts its extra cells in a list under the key None
+                row = {(k or "").strip(): v.strip() for k, v in row.items() if isinstance(v, str)}
                 if not row.get("Filename"):
                     continue
-                rows.append((row["Filename"], int(row["ClassId"])))
-    except ValueError as err:
-        raise UserError(f"{csv_path} has a non-integer ClassId: {err}") from err
+                name = _plain_name(row["Filename"], f"{csv_path} line {reader.line_num}: Filename")
+                try:
+                    rows.append((name, int(row.get("ClassId", ""))))
+                except ValueError:
+                    raise UserError(f"{csv_path} line {reader.line_num}: ClassId "
+                                    f"{row.get('ClassId', '')[:40]!r} is not an integer") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{csv_path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        f"it is not a GTSRB annotation file") from None
+    except csv.Error as err:
+        raise UserError(f"{csv_path} is not a readable GTSRB annotation file: {err}") from None
     except OSError as err:
-        raise UserError(f"cannot read {csv_path}: {err}") from err
+        raise UserError(f"cannot read {csv_path}: {err}") from None
     return rows
 
 
@@ -440,6 +566,22 @@ def _load_gtsrb(info: DatasetInfo, root: Path, train: bool, download: bool) -> I
                           info.image_size, f"gtsrb {split}")
 
 
+def _plain_name(name: str, where: str) -> str:
+    """A file or folder name from an annotation file, refused when it would lead out of its folder."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise UserError(f"{where} {name[:80]!r} is not a plain file name")
+    return name
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+
+
 def _load_tiny(info: DatasetInfo, root: Path, train: bool, download: bool) -> ImageSet:
     inner = "tiny-imagenet-200"
     candidates = _unique([root / "tiny" / inner, root / inner, root])
@@ -455,7 +597,10 @@ def _load_tiny(info: DatasetInfo, root: Path, train: bool, download: bool) -> Im
             f"dataset 'tiny' not found: looked for {inner} (wnids.txt and {marker.as_posix()}) in "
             f"{_fmt_dirs([root / 'tiny', root])}; {how}"
         )
-    wnids = sorted({w.strip() for w in (folder / "wnids.txt").read_text().split() if w.strip()})
+    wnids = sorted({_plain_name(w.strip(), f"{folder / 'wnids.txt'}: wnid")
+                    for w in _read_text(folder / "wnids.txt").split() if w.strip()})
+    if not wnids:
+        raise UserError(f"{folder / 'wnids.txt'} lists no class (wnid)")
     index = {w: i for i, w in enumerate(wnids)}
     paths: list[Path] = []
     labels: list[int] = []
@@ -469,13 +614,13 @@ def _load_tiny(info: DatasetInfo, root: Path, train: bool, download: bool) -> Im
             labels += [index[wnid]] * len(files)
     else:
         ann = folder / "val" / "val_annotations.txt"
-        for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+        for lineno, line in enumerate(_read_text(ann).splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split("\t")
             if len(parts) < 2 or parts[1].strip() not in index:
                 raise UserError(f"{ann} line {lineno} does not name an image and a wnid from wnids.txt")
-            paths.append(folder / "val" / "images" / parts[0].strip())
+            paths.append(folder / "val" / "images" / _plain_name(parts[0].strip(), f"{ann} line {lineno}: image"))
             labels.append(index[parts[1].strip()])
     if not paths:
         raise UserError(f"no {split} images found in {folder}")

@@ -6,11 +6,11 @@
 """
 from utils.engine.evaluate import backdoor_metrics, batched, eval_batch_size, predict
 from utils.engine.loop import LossFn, cosine_scheduler, cross_entropy_loss, load_states, train_epoch
-from utils.engine.pipeline import Pipeline, index_batches, place_model
+from utils.engine.pipeline import MAX_INPUT_SIZE, Pipeline, index_batches, place_model
 from utils.engine.runtime import (amp_dtype, configure_threads, cpu_has_fast_bf16, derive_seed, device_name, make_generator,
                                   resolve_device, seed_everything, seeded_init, to_cpu, versions)
 
 __all__ = ["backdoor_metrics", "batched", "eval_batch_size", "predict", "LossFn", "cosine_scheduler", "cross_entropy_loss",
-           "load_states", "train_epoch", "Pipeline", "index_batches", "place_model", "amp_dtype", "configure_threads",
+           "load_states", "train_epoch", "MAX_INPUT_SIZE", "Pipeline", "index_batches", "place_model", "amp_dtype", "configure_threads",
            "cpu_has_fast_bf16", "derive_seed", "device_name", "make_generator", "resolve_device", "seed_everything",
            "seeded_init", "to_cpu", "versions"]

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.data.datasets import DatasetInfo
+from utils.errors import UserError
+
+#: largest model input side: 4096 px is far beyond every recipe (224 at most) and keeps a batch of
+#: resized images within memory; a larger value is a typo, refused before anything is allocated
+MAX_INPUT_SIZE = 4096
 
 
 @dataclass
@@ -27,6 +32,9 @@ class Pipeline:
     @classmethod
     def for_dataset(cls, info: DatasetInfo, device: torch.device, input_size: int | None = None,
                     channels_last: bool | None = None) -> "Pipeline":
+        if input_size is not None and not 0 <= input_size <= MAX_INPUT_SIZE:
+            # the attack's --input_size is checked with the other options; this also covers records
+            raise UserError(f"input_size must be within [0, {MAX_INPUT_SIZE}], got {input_size}")
         mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
         if channels_last is None:

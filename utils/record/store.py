@@ -18,39 +18,16 @@ import torch
 
 from utils.config import REPO_ROOT
 from utils.errors import UserError
+from utils.fileio import atomic_write
 from utils.record.layout import FORMAT, FORMAT_VERSION, RECORD_FILE
 from utils.engine.runtime import to_cpu
 
 # --- atomic writes --------------------------------------------------------------------------
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates files readable by their owner only; results are given the usual mode instead
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+# temp file + rename, mode 0666 less the umask: utils/fileio.py (shared with the dataset caches)
 
 def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), lambda fh: fh.write(data))
+    atomic_write(Path(path), lambda fh: fh.write(data))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -3,6 +3,7 @@ training set and the backdoor test set; built fresh for training or rebuilt from
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +28,7 @@ from utils.config import (
     parse_progress,
     resolve,
     resolve_path,
+    within,
 )
 from utils.data.datasets import (
     DATASETS,
@@ -45,7 +47,8 @@ COMMON_OPTIONS: list[Option] = [
     Option("download", parse_bool, False, "download the dataset with torchvision when missing (needs internet)"),
     Option("model", str, "resnet18", "architecture from the model registry"),
     Option("pretrained", parse_bool, False, "start from ImageNet weights (swin_t only)"),
-    Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)"),
+    Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)",
+           check=within(0, engine.MAX_INPUT_SIZE)),
     Option("epochs", int, 100, "training epochs"),
     Option("batch_size", int, 128, "training batch size"),
     Option("lr", float, 0.1, "initial learning rate"),
@@ -155,10 +158,13 @@ class Experiment:
     test_indices: torch.Tensor | None
     trigger_params: dict
     clean_train: ImageSet  # the full clean training set, on the CPU (purification draws from it)
+    #: the dataset folder as the record should name it: the given `dataset_path` (portable), or the
+    #: system copy the loader fell back to (a fixed system location, so kept absolute)
+    dataset_path: str = ""
 
 
 def _to(data, device):
-    return type(data)(**{k: v.to(device) for k, v in vars(data).items()})
+    return type(data)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(data).items()})
 
 
 def prepare_experiment(cfg: dict[str, Any], info: DatasetInfo, device: torch.device, trigger_params: dict | None = None,
@@ -205,8 +211,11 @@ def prepare_experiment(cfg: dict[str, Any], info: DatasetInfo, device: torch.dev
                                 cfg["attack_target"], cfg["attack_label_trans"], info.num_classes, spec.clean_label)
     bd_test = make_bd_test(spec, trigger_params, test, cfg, info.num_classes)
     pipeline = engine.Pipeline.for_dataset(info, device, cfg.get("input_size") or None)
+    given = str(cfg["dataset_path"])
+    read_from = train_full.root if train_full.root is not None else Path(given)
+    dataset_path = portable_path(given) if read_from == Path(given) else str(read_from)
     return Experiment(info, device, pipeline, _to(poisoned, device), _to(test, device), _to(bd_test, device),
-                      poison_indices, train_indices, test_indices, trigger_params, train_full)
+                      poison_indices, train_indices, test_indices, trigger_params, train_full, dataset_path)
 
 
 def make_bd_test(spec: attacks.AttackSpec, params: dict, test: ImageSet, cfg: dict, num_classes: int) -> BackdoorTestSet:

@@ -153,7 +153,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
     }
     save_torch(staged.stage / RECORD_FILE, payload)
     write_text(staged.stage / CONFIG_FILE, dump_yaml(
-        {k: portable_path(v) if k in ("dataset_path", "record_root") else v for k, v in cfg.items()}))
+        {k: exp.dataset_path if k == "dataset_path" else portable_path(v) if k == "record_root" else v for k, v in cfg.items()}))
     write_csv(staged.stage / METRICS_FILE, rows)
     (staged.stage / CHECKPOINT_FILE).unlink(missing_ok=True)
     write_json(staged.stage / SUMMARY_FILE, {
