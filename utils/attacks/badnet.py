@@ -5,7 +5,7 @@ import torch
 
 from utils.attacks import triggers
 from utils.attacks.registry import AttackSpec, Params, register_attack
-from utils.config import Option
+from utils.config import Option, within
 from utils.data.datasets import DatasetInfo
 
 # --- BadNet ---------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ BADNET = register_attack(AttackSpec(
     name="badnet", title="BadNet",
     options=[
         Option("patch", str, "square", "BadNet trigger shape", choices=triggers.BADNET_PATTERNS),
-        Option("patch_size", int, 3, "trigger side in pixels at 32 px (scaled with the image)"),
+        Option("patch_size", int, 3, "trigger side in pixels at 32 px (scaled with the image)", check=within(1, 64)),
     ],
     build=_badnet_build, apply=_badnet_apply,
     description="3x3 white square (or checkerboard grid) pasted in the bottom-right corner",
