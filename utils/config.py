@@ -216,6 +216,8 @@ def resolve_path(given: str | Path, script_dir: Path | None = None, what: str = 
     for cand in candidates:
         if cand.is_file():
             return cand
+    if given.is_dir():
+        raise UserError(f"{what} {short(str(given))} is a folder, not a file")
     raise UserError(cut(f"{what} {short(str(given))} not found (looked in: {', '.join(str(c) for c in _unique(candidates))})", 600))
 
 

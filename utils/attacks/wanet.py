@@ -29,7 +29,7 @@ from utils.data.datasets import DatasetInfo
 from utils.errors import UserError
 
 WANET_OPTIONS = [
-    Option("k", int, 4, "side of the random control grid of the warping field", check=within(1, 64)),
+    Option("k", int, 4, "side of the random control grid of the warping field", check=within(2, 1024)),
     Option("s", float, 0.5, "strength of the warping field", check=non_negative),
     Option("cross_ratio", float, 2.0, "noise-mode samples per poisoned sample in each batch", check=non_negative),
     Option("grid_rescale", float, 1.0, "scale of the whole warping grid, identity + field (1: none)", check=positive),
