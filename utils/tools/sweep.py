@@ -560,7 +560,7 @@ def load_jobs(path: str) -> list[Job]:
         if not data["argv"] or not data["outputs"]:
             raise UserError(f"{where}: argv and outputs must not be empty (outputs say when the job is done)")
         if data["name"] in names:
-            raise UserError(f"{where}: job name {data['name']!r} used twice")
+            raise UserError(f"{where}: job name {short(data['name'])} used twice")
         names.add(data["name"])
         jobs.append(Job(data["name"], data["argv"], data["outputs"], data["log"], data.get("requires", [])))
     return jobs

@@ -25,7 +25,6 @@ from utils.config import (
     pre_parse,
     build_parser,
     device,
-    help_requested,
     load_yaml,
     non_negative,
     parse_bool,
@@ -46,6 +45,7 @@ from utils.data.datasets import (
 from utils.errors import UserError
 from utils.record.resources import RESOURCE_OPTIONS
 from utils.record.store import portable_path
+
 
 def _known_model(name: str) -> str | None:
     names = models.model_names()
