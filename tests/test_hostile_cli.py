@@ -102,6 +102,7 @@ def _cases(base: Path, real: bool = True) -> list[Case]:
     binary = _write(yamls / "binary.yaml", bytes(range(256)) * 4)
     nan_lr = _write(yamls / "nan_lr.yaml", "lr: .nan\n")
     listed = _write(yamls / "list.yaml", "epochs: [1, 2]\n")
+    pyobj = _write(yamls / "pyobj.yaml", 'epochs: !!python/object/apply:os.system ["echo hacked"]\n')
     deep = _write(yamls / "deep.yaml", "epochs: " + "[" * 50_000 + "]" * 50_000 + "\n")
     long_key = _write(yamls / "long_key.yaml", "x" * 1000 + ": 1\n")
     bad_proto = _write(yamls / "proto.yaml", (REPO_ROOT / FMNIST).read_text().replace("dataset: fmnist", "dataset: ../../x"))
@@ -169,6 +170,7 @@ def _cases(base: Path, real: bool = True) -> list[Case]:
     attack("yaml-binary", ["--bd_yaml_path", str(binary)], "not UTF-8")
     attack("yaml-nan", ["--bd_yaml_path", str(nan_lr)], "lr must be a finite number")
     attack("yaml-list-value", ["--bd_yaml_path", str(listed)], "epochs must be an integer, got a YAML list")
+    attack("yaml-python-object", ["--bd_yaml_path", str(pyobj)], "not valid YAML (could not determine a constructor")
     attack("yaml-deep", ["--bd_yaml_path", str(deep)], "nested too deeply")
     attack("yaml-long-key", ["--bd_yaml_path", str(long_key)], "unknown key(s) xxxx")
     attack("yaml-is-a-folder", ["--bd_yaml_path", str(folder_yaml)], "is a folder, not a file")
@@ -219,6 +221,9 @@ def _cases(base: Path, real: bool = True) -> list[Case]:
     cases.append(Case("sweep-proto-dataset-path", SWEEP, ["attacks", "--yaml_path", str(bad_proto), "--attacks", "badnet",
                                                           "--pratios", "0.1", "--record_root", str(root("sweep-proto"))],
                       "dataset '../../x' is not one of", root("sweep-proto")))
+    cases.append(Case("sweep-proto-dev-zero", SWEEP, ["attacks", "--yaml_path", "/dev/zero", "--attacks", "badnet",
+                                                      "--pratios", "0.1", "--record_root", str(root("sweep-zero"))],
+                      "/dev/zero: not a regular file", root("sweep-zero")))
     sweep("sweep-no-yaml", "purify", ["--yaml_path", FMNIST], "unrecognized arguments: --yaml_path")
     sweep("sweep-modes-unknown", "purify", ["--modes", "ft", "nonsense"], "unknown --ft_mode 'nonsense'")
     sweep("sweep-tag-path", "purify", ["--tag", "../x"], "--tag may hold only")

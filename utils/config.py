@@ -257,10 +257,14 @@ def read_yaml(path: str | Path) -> Any:
     aliases, no Python objects. Every failure is a UserError naming the file."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise UserError(f"{path}: {size} bytes; a settings file may hold at most {MAX_CONFIG_BYTES} bytes")
-        text = path.read_bytes().decode("utf-8")
+        if path.exists() and not path.is_file():  # a folder, /dev/zero, a pipe: never read to the end
+            raise UserError(f"{path}: not a regular file")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a settings file may hold at most "
+                            f"{MAX_CONFIG_BYTES} bytes")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"no such file: {path}") from None
     except UnicodeDecodeError:

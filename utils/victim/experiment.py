@@ -59,7 +59,7 @@ COMMON_OPTIONS: list[Option] = [
     Option("model", str, "resnet18", "architecture from the model registry", check=_known_model),
     Option("pretrained", parse_bool, False, "start from ImageNet weights (swin_t only)"),
     Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)",
-           check=within(0, 4096)),
+           check=within(0, 1024)),
     Option("epochs", int, 100, "training epochs", check=positive),
     Option("batch_size", int, 128, "training batch size", check=positive),
     Option("lr", float, 0.1, "initial learning rate", check=positive),
