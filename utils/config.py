@@ -172,14 +172,14 @@ _FOLDER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 def folder_name(value) -> str | None:
     """One plain folder name (no path separators, not hidden): what defense/<name>/ may be."""
-    return None if _FOLDER.fullmatch(value) else "must be a plain folder name (letters, digits, '-', '_', '.')"
+    return None if _FOLDER.fullmatch(value) else "is not a folder name (letters, digits, '-', '_', '.'; not hidden)"
 
 
 def folder_names(value) -> str | None:
     """A comma-separated list of plain folder names."""
     names = [n.strip() for n in value.split(",")]
     return None if all(_FOLDER.fullmatch(n) for n in names) and len(names) <= 64 else \
-        "must be plain folder names (letters, digits, '-', '_', '.'), comma-separated"
+        "is not a folder name or a comma-separated list of them (letters, digits, '-', '_', '.'; not hidden)"
 
 
 def dotted_name(value) -> str | None:
