@@ -144,7 +144,7 @@ def _cases(base: Path, real: bool = True) -> list[Case]:
     attack("attack-seed-negative", ["--random_seed", "-1"], "--random_seed must be within [0, 2**63 - 1]")
     attack("attack-epochs-zero", ["--epochs", "0"], "--epochs must be positive")
     attack("attack-epochs-float", ["--epochs", "1.5"], "--epochs must be an integer")
-    attack("attack-batch-huge", ["--batch_size", "1" + "0" * 30], "--batch_size must be within")
+    attack("attack-batch-huge", ["--batch_size", "1" + "0" * 30], "--batch_size must fit in 64 bits")
     attack("attack-pratio-nan", ["--pratio", "nan"], "--pratio must be a finite number")
     attack("attack-pratio-big", ["--pratio", "2"], "--pratio must be within [0, 1]")
     attack("attack-target-negative", ["--attack_target", "-1"], "--attack_target must be 0 or positive")

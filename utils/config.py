@@ -114,13 +114,13 @@ class Option:
             raise UserError(f"{where} must be {_kind_name(self.kind)}, got {short(value)}") from None
         if isinstance(out, float) and not math.isfinite(out) and not self.allow_nonfinite:
             raise UserError(f"{where} must be a finite number, got {short(value)}")
-        if isinstance(out, int) and not isinstance(out, bool) and abs(out) > INT_LIMIT:
-            raise UserError(f"{where} must be within [-2**63 + 1, 2**63 - 1], got {short(out, 40)}")
         if self.choices is not None and out not in self.choices:
             raise UserError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {short(out)}")
         problem = self.check(out) if self.check is not None and out is not None else None
         if problem:
-            raise UserError(f"{where} {problem}, got {short(out)}")
+            raise UserError(f"{where} {problem}, got {short(out, 40)}")
+        if isinstance(out, int) and not isinstance(out, bool) and abs(out) > INT_LIMIT:
+            raise UserError(f"{where} must fit in 64 bits (at most 2**63 - 1 either way), got {short(out, 40)}")
         return out
 
 
