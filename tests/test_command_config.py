@@ -71,7 +71,7 @@ def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
 def test_missing_yaml_and_bad_flag_values_are_errors(tmp_path):
     with pytest.raises(UserError, match="settings YAML"):
         finetune.parse_args([*RECORD, "--yaml_path", str(tmp_path / "none.yaml")])
-    with pytest.raises(UserError, match="--epochs: epochs must be an integer"):
+    with pytest.raises(UserError, match="--epochs must be an integer"):
         retune.parse_args([*RECORD, "--epochs", "x"])
     with pytest.raises(UserError, match="generator_input must be one of"):
         qra.parse_args([*RECORD, "--generator_input", "raw"])

@@ -5,7 +5,7 @@ import torch
 
 from utils.attacks import triggers
 from utils.attacks.registry import AttackSpec, Params, register_attack
-from utils.config import Option
+from utils.config import Option, within
 from utils.data.datasets import DatasetInfo
 from utils.errors import UserError
 
@@ -26,8 +26,8 @@ def _blended_apply(images: torch.Tensor, params: Params, train: bool) -> torch.T
 BLENDED = register_attack(AttackSpec(
     name="blended", title="Blended",
     options=[
-        Option("blend_alpha", float, 0.2, "blend weight of the trigger image in poisoned training images"),
-        Option("blend_alpha_test", float, 0.2, "blend weight at test time"),
+        Option("blend_alpha", float, 0.2, "blend weight of the trigger image in poisoned training images", check=within(0, 1)),
+        Option("blend_alpha_test", float, 0.2, "blend weight at test time", check=within(0, 1)),
         Option("trigger_path", str, "", "trigger image file (empty: the built-in image named by blend_key)"),
         Option("blend_key", str, "landscape", "built-in blend image when trigger_path is empty: a smooth procedural "
                "landscape (natural-image-like, as the paper's Hello Kitty) or fixed-seed noise (high-frequency, "

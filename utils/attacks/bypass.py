@@ -16,11 +16,11 @@ from models import get_head
 from utils.attacks.badnet import BADNET
 from utils.attacks.blended import BLENDED
 from utils.attacks.registry import AttackSpec, TrainingHooks, register_attack
-from utils.config import Option
+from utils.config import Option, non_negative, positive
 
 BYPASS_OPTIONS = [
-    Option("regularization_ratio", float, 20.0, "weight lambda of the adversarial-embedding term"),
-    Option("discriminator_lr", float, 0.001, "SGD learning rate of the feature discriminator (momentum 0.9)"),
+    Option("regularization_ratio", float, 20.0, "weight lambda of the adversarial-embedding term", check=non_negative),
+    Option("discriminator_lr", float, 0.001, "SGD learning rate of the feature discriminator (momentum 0.9)", check=positive),
 ]
 
 

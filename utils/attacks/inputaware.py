@@ -58,31 +58,31 @@ from utils import engine
 from utils.attacks.registry import AttackSpec, TrainingHooks, register_attack
 from utils.attacks.poison import backdoor_labels
 from utils.attacks.wanet import shift_rotate
-from utils.config import Option, parse_bool
+from utils.config import Option, parse_bool, non_negative, positive, within
 from utils.errors import UserError
 from utils.record.resources import RESOURCE_OPTIONS, Resource, tensor_digest
 
 INPUTAWARE_OPTIONS = RESOURCE_OPTIONS + [
-    Option("mask_epochs", int, 25, "epochs of the mask network's pre-training (phase 1)"),
-    Option("mask_density", float, 0.032, "target density of the masks: mask values above it are penalised"),
-    Option("lambda_norm", float, 100.0, "weight of the mask density loss"),
-    Option("lambda_div", float, 1.0, "weight of the diversity losses (mask in phase 1, pattern in phase 2)"),
-    Option("mask_lr", float, 0.01, "Adam learning rate of the mask network"),
-    Option("mask_batch_size", int, 128, "batch size of the mask pre-training"),
-    Option("generator_lr", float, 0.01, "Adam learning rate of the pattern generator (phase 2)"),
+    Option("mask_epochs", int, 25, "epochs of the mask network's pre-training (phase 1)", check=positive),
+    Option("mask_density", float, 0.032, "target density of the masks: mask values above it are penalised", check=within(0, 1, low_open=True, high_open=True)),
+    Option("lambda_norm", float, 100.0, "weight of the mask density loss", check=non_negative),
+    Option("lambda_div", float, 1.0, "weight of the diversity losses (mask in phase 1, pattern in phase 2)", check=non_negative),
+    Option("mask_lr", float, 0.01, "Adam learning rate of the mask network", check=positive),
+    Option("mask_batch_size", int, 128, "batch size of the mask pre-training", check=within(2, 2**20)),
+    Option("generator_lr", float, 0.01, "Adam learning rate of the pattern generator (phase 2)", check=positive),
     Option("generator_zero_grad", parse_bool, False,
            "clear G's gradient after each step; false: it accumulates over the whole run, as in the original"),
-    Option("cross_ratio", float, 1.0, "cross-trigger samples per backdoor sample in each batch"),
+    Option("cross_ratio", float, 1.0, "cross-trigger samples per backdoor sample in each batch", check=non_negative),
     Option("net_width", int, 32, "channels of the first level of G and M, doubled at each further level "
-           "(the original: 32, and 16 for MNIST)"),
-    Option("net_depth", int, 3, "levels (downsamplings) of G and M (the original: 3, and 2 for MNIST)"),
+           "(the original: 32, and 16 for MNIST)", check=within(1, 128)),
+    Option("net_depth", int, 3, "levels (downsamplings) of G and M (the original: 3, and 2 for MNIST)", check=within(1, 5)),
     Option("net_norm", str, "batch", "normalisation in G and M: batch (the original's BatchNorm; a training "
            "batch's triggers use its statistics) or group (per-sample GroupNorm, a trigger independent of the "
            "batch and of train/eval mode)", choices=("batch", "group")),
     Option("augment_order", str, "pre", "pre: the pipeline's crop/flip before the trigger, nothing after, as the "
            "original; post: trigger on the raw image, then a per-sample shift/rotation/flip", choices=("pre", "post")),
-    Option("random_crop", int, 5, "augment_order post only: random shift in pixels (0: none)"),
-    Option("random_rotation", float, 10.0, "augment_order post only: random rotation in degrees (0: none)"),
+    Option("random_crop", int, 5, "augment_order post only: random shift in pixels (0: none)", check=within(0, 64)),
+    Option("random_rotation", float, 10.0, "augment_order post only: random rotation in degrees (0: none)", check=within(0, 180)),
 ]
 
 #: images per forward pass in `apply` and in the measurements (bounds the memory)

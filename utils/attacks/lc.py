@@ -32,7 +32,7 @@ from utils.attacks.surrogate import (
     SURROGATE_OPTIONS,
     get_surrogate,
 )
-from utils.config import Option
+from utils.config import Option, non_negative, positive, within
 from utils.data.datasets import DatasetInfo
 from utils.errors import UserError
 from utils.record.resources import Resource, precision_key, tensor_digest
@@ -41,10 +41,10 @@ from utils.record.resources import Resource, precision_key, tensor_digest
 PGD_CHUNK = 256
 
 LC_OPTIONS = [
-    Option("reduced_amplitude", float, 1.0, "amplitude of the corner checkerboard as a fraction of 255 (1: +-255)"),
-    Option("lc_eps", float, 8.0, "L-inf bound of the PGD images in pixel units out of 255 (8 = 8/255)"),
-    Option("lc_step", float, 1.5, "PGD step size in pixel units out of 255 (1.5 = 1.5/255)"),
-    Option("lc_steps", int, 100, "PGD steps (0: the clean target-class images, i.e. no adversarial part)"),
+    Option("reduced_amplitude", float, 1.0, "amplitude of the corner checkerboard as a fraction of 255 (1: +-255)", check=within(0, 1, low_open=True)),
+    Option("lc_eps", float, 8.0, "L-inf bound of the PGD images in pixel units out of 255 (8 = 8/255)", check=within(0, 255)),
+    Option("lc_step", float, 1.5, "PGD step size in pixel units out of 255 (1.5 = 1.5/255)", check=positive),
+    Option("lc_steps", int, 100, "PGD steps (0: the clean target-class images, i.e. no adversarial part)", check=non_negative),
     Option("lc_surrogate", str, "adversarial", "the model the PGD images are computed against: an adversarially trained "
            "one (the original's; settings surrogate_at_*) or a standard clean one", choices=("adversarial", "standard")),
 ] + SURROGATE_OPTIONS + ADVERSARIAL_SURROGATE_OPTIONS

@@ -28,7 +28,7 @@ from utils import engine
 from utils.attacks import adversarial, triggers
 from utils.attacks.registry import AttackSpec, register_attack
 from utils.attacks.surrogate import SURROGATE_OPTIONS, get_surrogate
-from utils.config import Option
+from utils.config import Option, non_negative, positive, within
 from utils.data.datasets import DatasetInfo
 from utils.errors import UserError
 from utils.record.resources import Resource, precision_key, tensor_digest
@@ -37,11 +37,11 @@ from utils.record.resources import Resource, precision_key, tensor_digest
 SAVE_EVERY = 50
 
 LF_OPTIONS = [
-    Option("lf_eps", float, 16.0, "L-inf bound of the pattern in pixel units out of 255"),
-    Option("lf_cutoff", float, 0.25, "kept DCT frequencies: u, v < lf_cutoff * side (fraction of the highest; 1: all)"),
-    Option("lf_steps", int, 400, "optimisation steps of the universal pattern"),
-    Option("lf_step", float, 1.0, "step size in pixel units (max change of the pattern per step)"),
-    Option("lf_batch_size", int, 128, "non-target training images per step"),
+    Option("lf_eps", float, 16.0, "L-inf bound of the pattern in pixel units out of 255", check=within(0, 255, low_open=True)),
+    Option("lf_cutoff", float, 0.25, "kept DCT frequencies: u, v < lf_cutoff * side (fraction of the highest; 1: all)", check=within(0, 1, low_open=True)),
+    Option("lf_steps", int, 400, "optimisation steps of the universal pattern", check=positive),
+    Option("lf_step", float, 1.0, "step size in pixel units (max change of the pattern per step)", check=positive),
+    Option("lf_batch_size", int, 128, "non-target training images per step", check=positive),
 ] + SURROGATE_OPTIONS
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from utils.config import Option
+from utils.config import Option, short
 from utils.data.datasets import DatasetInfo
 from utils.errors import UserError
 
@@ -88,7 +88,7 @@ def register_attack(spec: AttackSpec) -> AttackSpec:
 
 def get_attack(name: str) -> AttackSpec:
     if name not in ATTACKS:
-        raise UserError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(ATTACKS))}")
+        raise UserError(f"unknown attack {short(name)}; choose one of: {', '.join(sorted(ATTACKS))}")
     return ATTACKS[name]
 
 

@@ -5,7 +5,7 @@ import torch
 
 from utils.attacks import triggers
 from utils.attacks.registry import AttackSpec, Params, register_attack
-from utils.config import Option
+from utils.config import Option, positive, within
 from utils.data.datasets import DatasetInfo
 
 # --- SIG (clean label) ----------------------------------------------------------------------
@@ -21,8 +21,8 @@ def _sig_apply(images: torch.Tensor, params: Params, train: bool) -> torch.Tenso
 SIG = register_attack(AttackSpec(
     name="sig", title="SIG",
     options=[
-        Option("sig_delta", float, 40.0, "amplitude of the sinusoid in pixel units (0..255)"),
-        Option("sig_f", float, 6.0, "number of periods across the image width"),
+        Option("sig_delta", float, 40.0, "amplitude of the sinusoid in pixel units (0..255)", check=within(0, 255)),
+        Option("sig_f", float, 6.0, "number of periods across the image width", check=positive),
     ],
     build=_sig_build, apply=_sig_apply, clean_label=True,
     description="clean-label: add delta * sin(2 pi j f / W) along the columns, clip",

@@ -36,22 +36,22 @@ from tqdm.auto import tqdm
 
 from utils import engine
 from utils.attacks.registry import AttackSpec, register_attack
-from utils.config import Option
+from utils.config import Option, non_negative, positive, within
 from utils.errors import UserError
 from utils.record.resources import RESOURCE_OPTIONS, Resource, tensor_digest
 
 SSBA_OPTIONS = RESOURCE_OPTIONS + [
     Option("ssba_bits", int, 32, "length of the hidden bit string; BackdoorBench's StegaStamp uses 100, but at the "
-           "default 600 steps 100 bits reach only 0.76 bit accuracy on Fashion-MNIST, while 32 are learnt to 0.99"),
-    Option("ssba_steps", int, 600, "training steps of the encoder/decoder pair"),
-    Option("ssba_batch_size", int, 64, "batch size of the encoder/decoder training"),
-    Option("ssba_lr", float, 1e-3, "Adam learning rate of the encoder/decoder training"),
+           "default 600 steps 100 bits reach only 0.76 bit accuracy on Fashion-MNIST, while 32 are learnt to 0.99", check=positive),
+    Option("ssba_steps", int, 600, "training steps of the encoder/decoder pair", check=positive),
+    Option("ssba_batch_size", int, 64, "batch size of the encoder/decoder training", check=positive),
+    Option("ssba_lr", float, 1e-3, "Adam learning rate of the encoder/decoder training", check=positive),
     Option("ssba_image_weight", float, 20.0, "final weight of the image loss MSE(encoded - clean) (images in 0..1) "
-           "against the bit loss; larger: less visible, harder to decode"),
+           "against the bit loss; larger: less visible, harder to decode", check=non_negative),
     Option("ssba_ramp", float, 0.4, "length of the image-loss weight's ramp from 0, as a fraction of the steps "
-           "(it starts once the bits are read)"),
+           "(it starts once the bits are read)", check=within(0, 1)),
     Option("ssba_width", int, 16, "channels of the encoder's first level (doubled at each of its 2 downsamplings); "
-           "at most 32, as the encoder is stored in the record (about 0.5 MB at 16, 2 MB at 32)"),
+           "at most 32, as the encoder is stored in the record (about 0.5 MB at 16, 2 MB at 32)", check=positive),
 ]
 
 #: images encoded per forward pass in `apply` and in the measurements (bounds the memory)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import models
 from utils import engine
 from utils.attacks import adversarial
-from utils.config import REPO_ROOT, Option, parse_bool
+from utils.config import REPO_ROOT, Option, parse_bool, non_negative, registered, within
 from utils.errors import UserError
 from utils.record.resources import (
     RESOURCE_OPTIONS,
@@ -34,8 +34,8 @@ from utils.record.store import clean_state_dict, load_record, load_state_dict_ch
 
 SURROGATE_OPTIONS = RESOURCE_OPTIONS + [
     Option("surrogate_record", str, "", "record folder whose model is the surrogate (empty: train a clean one)"),
-    Option("surrogate_model", str, "", "architecture of the trained surrogate (empty: the victim's --model)"),
-    Option("surrogate_epochs", int, 0, "training epochs of the surrogate (0: the victim's --epochs)"),
+    Option("surrogate_model", str, "", "architecture of the trained surrogate (empty: the victim's --model)", check=registered(models.model_names, allow_empty=True)),
+    Option("surrogate_epochs", int, 0, "training epochs of the surrogate (0: the victim's --epochs)", check=non_negative),
 ]
 
 # The original reads a ResNet-18 checkpoint it does not ship ("PGD best model"); the settings of
@@ -43,14 +43,14 @@ SURROGATE_OPTIONS = RESOURCE_OPTIONS + [
 # (e8_a2_s10: eps 8/255, step 2/255, 10 steps), which is Madry et al.'s CIFAR-10 recipe, random
 # start included. The optimiser, schedule and epochs are the victim's, like the standard surrogate's.
 ADVERSARIAL_SURROGATE_OPTIONS = [
-    Option("surrogate_at_eps", float, 8.0, "adversarial surrogate: L-inf bound of its training PGD, pixel units out of 255"),
-    Option("surrogate_at_step", float, 2.0, "adversarial surrogate: step size of its training PGD, pixel units out of 255"),
+    Option("surrogate_at_eps", float, 8.0, "adversarial surrogate: L-inf bound of its training PGD, pixel units out of 255", check=within(0, 255)),
+    Option("surrogate_at_step", float, 2.0, "adversarial surrogate: step size of its training PGD, pixel units out of 255", check=non_negative),
     Option("surrogate_at_steps", int, 10, "adversarial surrogate: PGD steps per training batch (training costs about steps+1 "
-           "normal epochs per epoch)"),
+           "normal epochs per epoch)", check=non_negative),
     Option("surrogate_at_random_start", parse_bool, True,
            "adversarial surrogate: start each training PGD at a uniform random point of the eps-ball"),
     Option("surrogate_train_size", int, 0, "adversarial surrogate: train on this many of the victim's clean training "
-           "images, a seeded random subset (0: all of them)"),
+           "images, a seeded random subset (0: all of them)", check=non_negative),
 ]
 
 #: test images the adversarial surrogate's robust accuracy is reported on

@@ -24,22 +24,22 @@ import torch.nn.functional as F
 from utils import engine
 from utils.attacks.poison import backdoor_labels
 from utils.attacks.registry import AttackSpec, Params, TrainingHooks, register_attack
-from utils.config import Option, parse_bool
+from utils.config import Option, parse_bool, non_negative, positive, within
 from utils.data.datasets import DatasetInfo
 from utils.errors import UserError
 
 WANET_OPTIONS = [
-    Option("k", int, 4, "side of the random control grid of the warping field"),
-    Option("s", float, 0.5, "strength of the warping field"),
-    Option("cross_ratio", float, 2.0, "noise-mode samples per poisoned sample in each batch"),
-    Option("grid_rescale", float, 1.0, "scale of the whole warping grid, identity + field (1: none)"),
+    Option("k", int, 4, "side of the random control grid of the warping field", check=within(2, 1024)),
+    Option("s", float, 0.5, "strength of the warping field", check=non_negative),
+    Option("cross_ratio", float, 2.0, "noise-mode samples per poisoned sample in each batch", check=non_negative),
+    Option("grid_rescale", float, 1.0, "scale of the whole warping grid, identity + field (1: none)", check=positive),
     Option("post_augment", parse_bool, True,
            "WaNet's own crop/rotation/flip after poisoning; false: the pipeline's crop/flip before it"),
     Option("post_augment_scope", str, "batch", "batch: one crop (p 0.8), rotation (p 0.5, nearest) and flip "
            "decision for the whole batch, as the original; sample: a shift, bilinear rotation and flip per sample",
            choices=("batch", "sample")),
-    Option("random_crop", int, 5, "post-poisoning augmentation: zero padding of the random crop, in pixels"),
-    Option("random_rotation", float, 10.0, "post-poisoning augmentation: largest rotation, in degrees"),
+    Option("random_crop", int, 5, "post-poisoning augmentation: zero padding of the random crop, in pixels", check=within(0, 64)),
+    Option("random_rotation", float, 10.0, "post-poisoning augmentation: largest rotation, in degrees", check=within(0, 180)),
 ]
 
 

@@ -18,7 +18,8 @@ from torch import nn
 import models
 from utils import engine
 from utils.attacks.registry import get_attack
-from utils.config import Option, REPO_ROOT, dump_yaml, non_negative, parse_bool, parse_command, parse_progress
+from utils.attacks.registry import ATTACKS
+from utils.config import Option, REPO_ROOT, device, dump_yaml, non_negative, parse_bool, parse_command, parse_progress, registered, short, tag, within
 from utils.data.datasets import DATASETS, dataset_info
 from utils.errors import UserError
 from utils.attacks.poison import check_pratio
@@ -33,12 +34,12 @@ def record_options() -> list[Option]:
     """The options that name a record, as ft.py spells them (a function: the dataset list is read
     when a command starts, so data sets registered by extensions count)."""
     return [
-        Option("dataset", str, "cifar10", f"one of {', '.join(DATASETS)} (default cifar10)"),
+        Option("dataset", str, "cifar10", f"one of {', '.join(DATASETS)} (default cifar10)", check=registered(lambda: DATASETS)),
         Option("dataset_path", str, "data", "folder holding the datasets (default data)"),
-        Option("attack", str, "badnet", "attack name of the record (default badnet)"),
-        Option("pratio", float, 0.1, "poisoning ratio of the record (default 0.1; 0 for the clean model)"),
-        Option("attack_target", int, 0, "target label of the record (default 0)"),
-        Option("model", str, "resnet18", "architecture of the record (default resnet18)"),
+        Option("attack", str, "badnet", "attack name of the record (default badnet)", check=registered(lambda: sorted(ATTACKS))),
+        Option("pratio", float, 0.1, "poisoning ratio of the record (default 0.1; 0 for the clean model)", check=within(0, 1)),
+        Option("attack_target", int, 0, "target label of the record (default 0)", check=non_negative),
+        Option("model", str, "resnet18", "architecture of the record (default resnet18)", check=registered(models.model_names)),
         Option("record_root", str, "record", "folder that holds the records (default record)"),
     ]
 
@@ -47,9 +48,10 @@ def run_options(tag_help: str, overwrite_help: str) -> list[Option]:
     """The options every purification and attack-on-a-purification command shares: output naming
     and replacement, device, precision, evaluation batch and progress bars."""
     return [
-        Option("tag", str, "", tag_help),
+        Option("tag", str, "", tag_help, check=tag),
         Option("overwrite", parse_bool, False, overwrite_help, yaml=False),
-        Option("device", str, "cuda:0", "cuda:N, cpu or auto; CUDA missing falls back to the CPU (default cuda:0)"),
+        Option("device", str, "auto", "cuda:N, cpu or auto (a GPU when there is one); CUDA missing falls back to the CPU "
+               "with a warning (default auto)", check=device),
         Option("amp", str, "auto", "mixed precision (default auto)", choices=("auto", "bf16", "fp16", "none")),
         Option("eval_batch_size", int, 0, "evaluation batch size (default 0: 1024 on GPU, 256 on CPU)", check=non_negative),
         Option("progress", parse_progress, "auto", "progress bars: true, false or auto (default auto: only when the "
@@ -66,16 +68,16 @@ def check_record_args(args: argparse.Namespace) -> None:
     """Names that would otherwise surface as a confusing "no record" error: dataset, model,
     attack; and the pratio's range."""
     if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        raise UserError(f"unknown --dataset {short(args.dataset)}; choose one of: {', '.join(DATASETS)}")
     if args.model not in models.model_names():
-        raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
+        raise UserError(f"unknown --model {short(args.model)}; choose one of: {', '.join(models.model_names())}")
     get_attack(args.attack)  # an unknown attack name is a typo, not a missing record
     check_pratio(args.pratio)
 
 
 def check_tag(tag: str, flag: str = "--tag") -> None:
     if tag and not all(c.isalnum() or c in "-_." for c in tag):
-        raise UserError(f"{flag} {tag!r} may hold only letters, digits, '-', '_' and '.'")
+        raise UserError(f"{flag} {short(tag)} may hold only letters, digits, '-', '_' and '.'")
 
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import models
 from utils import engine
-from utils.config import Option, non_negative, parse_bool, parse_optional_float, positive, within
+from utils.config import Option, dotted_name, non_negative, parse_bool, parse_optional_float, positive, seed, within
 from utils.attacks.poison import LABEL_TRANS
 from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, parse_modes,
                                    purify, tuning_indices)
@@ -30,6 +30,12 @@ from utils.defenses.purify import mode_options
 DESCRIPTION = ("Purify a backdoored model by fine-tuning (FST and baselines, FT-SAM, BTI, PAM).")
 
 
+def _per_dataset(column: int) -> str:
+    """'cifar10 10, gtsrb 15, ...' from DATASET_DEFAULTS (split_ratio, lr, epochs, alpha), so that
+    help never lists fewer data sets than the table holds."""
+    return ", ".join(f"{name} {values[column]:g}" for name, values in DATASET_DEFAULTS.items())
+
+
 def options() -> list[Option]:
     """Every setting of the command (flags, and keys of a --yaml_path file)."""
     return [
@@ -37,23 +43,23 @@ def options() -> list[Option]:
         *run_options("write to defense/<mode>_<tag>/ instead of defense/<mode>/ (for sweeps)",
                      "replace an existing result of the same mode and tag"),
         Option("ft_mode", str, 'fst', f"one of {', '.join(ALL_MODES)}; all (= {', '.join(MODES)}); or a comma-separated list (default fst)"),
-        Option("attack_label_trans", str, None, 'checked against the record when given', choices=LABEL_TRANS),
-        Option("epochs", int, None, 'tuning epochs (default per dataset: cifar10 10, gtsrb 15, cifar100/tiny 15; bti/pam: 30 per round)', check=positive),
+        Option("attack_label_trans", str, None, 'checked against the record when given (default: not checked)', choices=LABEL_TRANS),
+        Option("epochs", int, None, f'tuning epochs (default per dataset: {_per_dataset(2)}; bti/pam: 30 per round)', check=positive),
         Option("batch_size", int, None, 'tuning batch size (default 128; ft-sam backdoorbench preset 256)', check=positive),
         Option("wd", float, None, 'weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)', check=non_negative),
-        Option("lr", float, None, 'tuning learning rate (default per dataset: 0.01, or 0.001 for cifar100/tiny; bti/pam 0.01)', check=positive),
+        Option("lr", float, None, f'tuning learning rate (default per dataset: {_per_dataset(1)}; bti 1e-4, pam 0.01)', check=positive),
         Option("momentum", float, None, 'SGD momentum (default 0.9; bti/pam 0.1)', check=within(0, 1, high_open=True)),
-        Option("random_seed", int, 0, 'seed of the tuning subset, head init and batch order (default 0)'),
-        Option("split_ratio", float, None, 'fraction of the clean training set used for tuning (default 0.02, 0.05 for cifar100/tiny and bti/pam)', check=within(0, 1, low_open=True)),
+        Option("random_seed", int, 0, 'seed of the tuning subset, head init and batch order (default 0)', check=seed),
+        Option("split_ratio", float, None, f'fraction of the clean training set used for tuning (default per dataset: {_per_dataset(0)}; bti/pam 0.05)', check=within(0, 1, low_open=True)),
         Option("eval_every", int, 1, 'evaluate C-Acc/ASR/RA after every k-th tuning epoch and the last (default 1; sweeps on a CPU use a larger k, the skipped epochs are empty in metrics.csv)', check=positive),
-        Option("log", parse_bool, False, 'also write the console output to defense/<mode>/log.txt', flag="switch"),
-        Option("pre", parse_bool, False, 'accepted for compatibility: the record already holds the (pre-trained) weights', flag="switch"),
+        Option("log", parse_bool, False, 'also write the console output to defense/<mode>/log.txt (default false)', flag="optional"),
+        Option("pre", parse_bool, False, 'accepted for compatibility: the record already holds the (pre-trained) weights (default false)', flag="optional"),
         Option("save", parse_bool, True, 'save the purified weights as defense/<mode>/model.pt (default true; the retuning and reactivation attacks need them)', flag="optional"),
-        Option("linear_name", str, None, "dotted path of the classifier head (default: the model's own, e.g. linear, classifier.6)"),
+        Option("linear_name", str, None, "dotted path of the classifier head (default: the model's own, e.g. linear, classifier.6)", check=dotted_name),
         Option("lb_smooth", parse_optional_float, None, 'label smoothing for the CE term (FST term kept; default none, ft-sam 0.1)', check=within(0, 1, high_open=True)),
-        Option("alpha", float, None, 'FST feature-shift weight (default per dataset: 0.2 cifar10, 0.1 gtsrb, 0.001 cifar100/tiny)'),
-        Option("norm_proj", str, 'all', "rescale the head to the backdoored head's norm after each step: in all five FST modes (official code), fst only (paper), none", choices=NORM_PROJ),
-        Option("split_mode", str, 'uniform', 'uniform random tuning subset, or the first k images of each class', choices=('uniform', 'balanced')),
+        Option("alpha", float, None, f'FST feature-shift weight (default per dataset: {_per_dataset(3)})', check=non_negative),
+        Option("norm_proj", str, 'all', "rescale the head to the backdoored head's norm after each step: in all five FST modes (official code), fst only (paper), none (default all)", choices=NORM_PROJ),
+        Option("split_mode", str, 'uniform', 'uniform random tuning subset, or the first k images of each class (default uniform)', choices=('uniform', 'balanced')),
         Option("frozen_bn", parse_bool, False, 'keep BatchNorm of frozen parts in eval mode (default false: train mode, as the official code)'),
         *mode_options(),
     ]

@@ -34,7 +34,7 @@ from utils import engine
 from utils.record import resources
 from utils.errors import UserError
 from utils.defenses.sharpness import WeightShift, path_offsets, sam_offsets
-from utils.config import Option, non_negative, parse_bool, positive, within
+from utils.config import Option, non_negative, parse_bool, positive, short, within
 
 
 @dataclass(frozen=True)
@@ -125,16 +125,16 @@ DATASET_DEFAULTS = {
 
 def get_mode(name: str) -> Mode:
     if name not in ALL_MODES:
-        raise UserError(f"unknown --ft_mode {name!r}; choose one of: {', '.join(ALL_MODES)}, all "
+        raise UserError(f"unknown --ft_mode {short(name)}; choose one of: {', '.join(ALL_MODES)}, all "
                         f"(= {', '.join(MODES)}), or a comma-separated list")
     return ALL_MODES[name]
 
 
 def parse_modes(text: str) -> list[str]:
-    """`all` (the five FST modes), one mode, or a comma-separated list of modes."""
-    if text == "all":
+    """`all` (the five FST modes), one mode, or a list of modes separated by commas or spaces."""
+    if text.strip() == "all":
         return list(MODES)
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = text.replace(",", " ").split()
     if not names:
         raise UserError("--ft_mode is empty")
     out: list[str] = []

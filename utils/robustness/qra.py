@@ -49,7 +49,7 @@ from utils.commands.driver import (check_record_args, build_loaded_model, check_
                                    find_clean_record, load_source_state)
 from utils.engine.runtime import device_name
 from utils.commands.driver import aborting, finish_run, open_record, parse_record_command, record_label, record_options, run_arguments, run_options, stage, start_runtime
-from utils.config import Option, non_negative, positive, within
+from utils.config import Option, folder_name, non_negative, positive, seed, short, tag, within
 
 DEFAULT_HIDDEN = (1024, 1024, 1024)  # the official generator's hidden widths
 GENERATOR_INPUTS = ("normalised", "pixels")
@@ -62,8 +62,9 @@ def parse_widths(text: str) -> tuple[int, ...]:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         widths = ()
-    if not widths or min(widths) < 1:
-        raise UserError(f"--hidden must be comma-separated positive widths such as 1024,1024,1024, got {text!r}")
+    if not widths or min(widths) < 1 or max(widths) > 65536 or len(widths) > 16:
+        raise UserError(f"--hidden must be up to 16 comma-separated widths in 1..65536 such as 1024,1024,1024, "
+                        f"got {short(text)}")
     return widths
 
 
@@ -318,8 +319,8 @@ def options() -> list[Option]:
     """Every setting of the command (flags, and keys of a --yaml_path file)."""
     return [
         *record_options(),
-        Option("defense_type", str, 'fst', "purification under defense/ to attack, or none for the record's own model (default fst)"),
-        Option("retune_tag", str, '', 'tag of the retuning run (ft_poison.py --tag) whose model is imitated (default none)'),
+        Option("defense_type", str, 'fst', "purification under defense/ to attack, or none for the record's own model (default fst)", check=folder_name),
+        Option("retune_tag", str, '', 'tag of the retuning run (ft_poison.py --tag) whose model is imitated (default none)', check=tag),
         Option("clean_record", str, None, 'record folder of the clean reference model (default: the pratio-0 record of the same dataset and architecture)'),
         Option("eps", float, 16.0, 'L-inf bound of the perturbation in pixels out of 255 (default 16)', check=within(0, 255, low_open=True)),
         Option("alpha_qra", float, 0.2, 'weight of the KL imitation term (default 0.2)', check=non_negative),
@@ -332,7 +333,7 @@ def options() -> list[Option]:
         Option("hidden", str, ','.join(map(str, DEFAULT_HIDDEN)), 'hidden widths of the generator MLP, comma-separated (default 1024,1024,1024 as officially; the earlier toolkit generator was 512,128,512)'),
         Option("generator_input", str, 'normalised', 'what the generator sees: the normalised image (official) or the [0, 1] pixels (default normalised)', choices=GENERATOR_INPUTS),
         Option("poison_source", str, 'record', "record: the victim's own poisoned training images, topped up with triggered clean ones when too few (official); trigger: clean training images with the test-time trigger (default record)", choices=POISON_SOURCES),
-        Option("random_seed", int, 0, 'seed of the sample draw, generator init and batch order (default 0)'),
+        Option("random_seed", int, 0, 'seed of the sample draw, generator init and batch order (default 0)', check=seed),
         *run_options("write to qra_<tag>/ instead of qra/", "replace an existing result (default false)"),
     ]
 

@@ -34,7 +34,7 @@ import torch
 
 from utils import engine
 from utils.attacks.registry import get_attack, make_trigger
-from utils.config import Option, non_negative, parse_bool, positive, within
+from utils.config import Option, folder_names, non_negative, parse_bool, positive, seed, within
 from utils.errors import UserError
 from utils.attacks.poison import backdoor_labels, check_pratio
 from utils.defenses.purify import DATASET_DEFAULTS
@@ -55,7 +55,7 @@ def options() -> list[Option]:
     """Every setting of the command (flags, and keys of a --yaml_path file)."""
     return [
         *record_options(),
-        Option("defense_type", str, 'fst', "which model: a folder under defense/ (fst, ft, pam, fst_<tag>, ...), none (the record's unpurified model), a comma-separated list, or all (every purified model with weights, and none) (default fst)"),
+        Option("defense_type", str, 'fst', "which model: a folder under defense/ (fst, ft, pam, fst_<tag>, ...), none (the record's unpurified model), a comma-separated list, or all (every purified model with weights, and none) (default fst)", check=folder_names),
         Option("poison_num", int, 5, 'tuning samples replaced by poisoned training samples (default 5)', check=non_negative),
         Option("epochs", int, 5, 'retuning epochs (default 5)', check=positive),
         Option("lr", float, 0.01, 'learning rate, constant (default 0.01)', check=positive),
@@ -63,7 +63,7 @@ def options() -> list[Option]:
         Option("batch_size", int, 128, 'batch size (default 128)', check=positive),
         Option("ra_split", str, 'shared', "shared: one retuning split for every model of the record (--split_ratio, --random_seed), as the official code; defense: each purification's own tuning subset (default shared)", choices=RA_SPLITS),
         Option("augment", str, 'once', 'once: the clean samples cropped/flipped once and kept so for every epoch, poisoned ones only normalised (official); epoch: clean ones augmented afresh each epoch; all: every sample, poisoned included, each epoch (default once)', choices=AUGMENT_MODES),
-        Option("random_seed", int, None, "seed of the split, the poisoned-sample choice, the batch order and the augmentation (default: 42 with --ra_split shared; with defense, the purification's seed, 0 for none)"),
+        Option("random_seed", int, None, "seed of the split, the poisoned-sample choice, the batch order and the augmentation (default: 42 with --ra_split shared; with defense, the purification's seed, 0 for none)", check=seed),
         Option("split_ratio", float, None, f"fraction of the clean training set retuned on (default {SHARED_SPLIT_RATIO} with --ra_split shared; with defense only for --defense_type none, default the dataset's)", check=within(0, 1, low_open=True)),
         Option("split_mode", str, None, 'how the split is drawn (default uniform; with --ra_split defense only for --defense_type none)', choices=('uniform', 'balanced')),
         Option("save", parse_bool, True, 'save the retuned weights as model.pt (default true; qra.py needs them)', flag="optional"),

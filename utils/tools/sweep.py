@@ -40,12 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
+import models
+from utils.attacks.registry import ATTACKS, get_attack
+from utils.data.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.defenses.purify import ALL_MODES, parse_modes
 from utils.record.layout import CONFIG_FILE, MODEL_FILE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder, format_pratio, logs_folder, record_name, resources_folder, retune_folder, source_folder
-from utils.config import REPO_ROOT
+from utils.config import INT_LIMIT, REPO_ROOT, ArgumentParser, parse_bool, read_yaml, short, tag as tag_problem
 
 DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
 SCRIPTS = {"blended_bypass": "blend_bypass"}  # attack name -> attack/<script>.py where they differ
@@ -86,11 +87,19 @@ def attack_jobs(yaml_path: str, attacks: list[str], pratios: list[float], seeds:
     target = proto.get("attack_target", 0) if target is None else target
     if not dataset or not model:
         raise UserError(f"{yaml_path}: the prototype must name a dataset and a model")
+    # the names become folder names of the outputs: registry names only
+    if dataset not in DATASETS:
+        raise UserError(f"{yaml_path}: dataset {short(dataset)} is not one of: {', '.join(DATASETS)}")
+    if model not in models.model_names():
+        raise UserError(f"model {short(model)} is not one of: {', '.join(models.model_names())}")
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target <= INT_LIMIT:
+        raise UserError(f"attack_target must be an integer, 0 or positive, got {short(target)}")
     jobs = []
     for attack in attacks:
+        get_attack(attack)  # a registered name, never a path: `--attacks ../../x` runs nothing
         script = REPO_ROOT / "attack" / f"{SCRIPTS.get(attack, attack)}.py"
         if not script.is_file():
-            raise UserError(f"unknown attack {attack!r}: no {script.relative_to(REPO_ROOT)}")
+            raise UserError(f"attack {attack!r} has no entry script {script.relative_to(REPO_ROOT)}")
         for pratio in pratios:
             if not 0.0 <= pratio < 1.0:
                 raise UserError(f"pratio must be within [0, 1), got {pratio}")
@@ -107,8 +116,14 @@ def attack_jobs(yaml_path: str, attacks: list[str], pratios: list[float], seeds:
     return jobs
 
 
+#: what a record's config.yaml must hold for the sweep to build commands from it, and the types
+_RECORD_KEYS = {"attack": str, "dataset": str, "model": str, "pratio": (int, float), "attack_target": int}
+
+
 def find_records(record_root: str) -> list[tuple[Path, dict]]:
-    """Every attack record below `record_root` (at any depth), with its config.yaml."""
+    """Every attack record below `record_root` (at any depth), with its config.yaml. A record whose
+    config.yaml is unreadable or lacks what the jobs need stops the sweep with one error naming the
+    file: skipping it would leave that record out of every table without a word."""
     found = []
     for marker in sorted(Path(record_root).rglob(RECORD_FILE)):
         folder = marker.parent
@@ -116,8 +131,26 @@ def find_records(record_root: str) -> list[tuple[Path, dict]]:
             continue  # a record still being written (StagedFolder's .partial folders)
         cfg = _read_yaml(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
         if "attack" in cfg:
+            _check_record_config(folder / CONFIG_FILE, cfg)
             found.append((folder, cfg))
     return found
+
+
+def _check_record_config(path: Path, cfg: dict) -> None:
+    hint = "repair it or move the record folder out of the sweep root"
+    for key, kind in _RECORD_KEYS.items():
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserError(f"{path}: {key} is {short(value)}, not a record's value; {hint}")
+    seed = cfg.get("random_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= INT_LIMIT:
+        raise UserError(f"{path}: random_seed is {short(seed)}, not a seed; {hint}")
+    if not 0 <= cfg["pratio"] <= 1 or cfg["attack_target"] < 0:
+        raise UserError(f"{path}: pratio {short(cfg['pratio'])} or attack_target {short(cfg['attack_target'])} "
+                        f"out of range; {hint}")
+    for key in ("attack", "dataset", "model"):
+        if not cfg[key] or "/" in cfg[key] or "\\" in cfg[key] or cfg[key].startswith("."):
+            raise UserError(f"{path}: {key} {short(cfg[key])} is not a plain name; {hint}")
 
 
 def _select(records, attacks, pratios, seeds):
@@ -177,12 +210,8 @@ def retune_jobs(record_root: str, defenses: list[str], extra: list[str] = (), ta
 
 
 def _read_yaml(path) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"no such file: {path}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
+    """A YAML mapping, read as settings files are (bounded size, no aliases; one error line)."""
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys to values")
     return data
@@ -207,7 +236,7 @@ def local_slots(workers: int | None, devices: str = "auto") -> list[tuple[str, d
         return [("cpu", {"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}) for _ in range(n)]
     ids = [d.strip() for d in devices.split(",") if d.strip()]  # explicit GPU ids, e.g. 0,1,3
     if not all(i.isdigit() for i in ids):
-        raise UserError(f"--devices must be auto, cpu, cuda or GPU ids like 0,1; got {devices!r}")
+        raise UserError(f"--devices must be auto, cpu, cuda or GPU ids like 0,1; got {short(devices)}")
     return [("cuda:0", {"CUDA_VISIBLE_DEVICES": i}) for i in ids]
 
 
@@ -397,38 +426,110 @@ def report(outcomes: list[Outcome], seconds: float, echo=print) -> int:
 
 # --- command line ------------------------------------------------------------------------------
 
+def _bool_flag(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {short(text)}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.sweep", description="Run a grid of attack / purification / retuning jobs, "
-                                "resumably (finished jobs are skipped), locally or through submitit.")
+    """The sweep's flags. List flags take values separated by spaces, commas or both; every
+    boolean flag alone means true and also takes true/false; every help line states its default."""
+    p = ArgumentParser(prog="python -m utils.sweep", description="Run a grid of attack / purification / retuning jobs, "
+                       "resumably (finished jobs are skipped), locally or through submitit.")
     sub = p.add_subparsers(dest="stage", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     c = common.add_argument
-    c("--record_root", required=True, help="root of the sweep's records (seed s under <root>/seed_<s>/)")
+    c("--record_root", required=True, help="root of the sweep's records (seed s under <root>/seed_<s>/); required")
     c("--attacks", nargs="+", default=None, help="attack names (purify/retune: filter; default all found)")
-    c("--pratios", nargs="+", type=float, default=None, help="poisoning ratios (purify/retune: filter)")
-    c("--seeds", nargs="+", type=int, default=None, help="seeds (attacks: default 0; purify/retune: filter)")
+    c("--pratios", nargs="+", default=None, help="poisoning ratios in [0, 1) (attacks: required; purify/retune: "
+      "filter, default all)")
+    c("--seeds", nargs="+", default=None, help="seeds (attacks: default 0; purify/retune: filter, default all)")
     c("--executor", choices=("local", "submitit"), default="local", help="run here (default) or through submitit")
-    c("--workers", type=int, default=None, help="local: parallel jobs (default: one per GPU, else 1)")
-    c("--devices", default="auto", help="local: auto (GPUs if any, else CPU), cpu, cuda, or GPU ids like 0,1")
+    c("--workers", default=None, help="local: parallel jobs (default: one per GPU, else 1)")
+    c("--devices", default="auto", help="local: auto (GPUs if any, else CPU), cpu, cuda, or GPU ids like 0,1 "
+      "(default auto)")
     c("--cluster", default=None, help="submitit: slurm, local or debug (default: submitit's choice)")
     c("--submitit_params", default="{}", help="submitit: JSON of executor parameters, e.g. "
-      "'{\"timeout_min\": 240, \"slurm_partition\": \"gpu\", \"gpus_per_node\": 1, \"slurm_array_parallelism\": 16}'")
-    c("--dry_run", action="store_true", help="print the jobs (done or to do) and their commands; run nothing")
-    c("--jobs_out", default=None, help="also write the job list as JSON lines (for any other scheduler)")
+      "'{\"timeout_min\": 240, \"slurm_partition\": \"gpu\", \"gpus_per_node\": 1, \"slurm_array_parallelism\": 16}' "
+      "(default {})")
+    c("--dry_run", nargs="?", const=True, default=False, type=_bool_flag, metavar="true|false",
+      help="print the jobs (done or to do) and their commands as they would run; run nothing (default false)")
+    c("--jobs_out", default=None, help="also write the job list as JSON lines (for any other scheduler; default: none)")
     a = sub.add_parser("attacks", parents=[common], help="attack x pratio x seed victims").add_argument
-    a("--yaml_path", required=True, help="prototype YAML (dataset and training recipe)")
+    a("--yaml_path", required=True, help="prototype YAML (dataset and training recipe); required")
     a("--model", default=None, help="model (default: the prototype's)")
-    a("--attack_target", type=int, default=None, help="target label (default: the prototype's)")
+    a("--attack_target", default=None, help="target label (default: the prototype's)")
     f = sub.add_parser("purify", parents=[common], help="ft.py on every record: modes x records").add_argument
-    f("--modes", default="all", help="all (the five FST modes), or a comma/space separated list")
-    f("--tag", default="", help="ft.py --tag")
+    f("--modes", nargs="+", default=["all"], help="all (the five FST modes), or a list of modes (default all)")
+    f("--tag", default="", help="ft.py --tag (default: none)")
     r = sub.add_parser("retune", parents=[common], help="the retuning attack (ft_poison.py) on purified models").add_argument
     r("--defenses", nargs="+", default=["fst"], help="defense types, `none` for the unpurified model (default fst)")
-    r("--tag", default="", help="ft_poison.py --tag")
+    r("--tag", default="", help="ft_poison.py --tag (default: none)")
     j = sub.add_parser("jobs", parents=[common], help="a prepared job list (the sh/ recipes use it)").add_argument
     j("--jobs_file", required=True, help="JSON lines, one job per line with name, argv, outputs, log and optionally "
-      "requires (what --jobs_out writes); '-' reads standard input. Jobs run in the file's order on each slot")
+      "requires (what --jobs_out writes); '-' reads standard input. Jobs run in the file's order on each slot; required")
     return p
+
+
+def _items(values: list[str] | None) -> list[str] | None:
+    """A list flag's values, split at commas too: `--modes ft fst`, `--modes ft,fst`, `--modes ft, fst`."""
+    if values is None:
+        return None
+    return [piece for v in values for piece in v.replace(",", " ").split()]
+
+
+def _numbers(flag: str, values: list[str] | None, kind, low, high, what: str) -> list | None:
+    """A numeric list flag, each value finite and within [low, high]."""
+    out = []
+    for text in _items(values) or []:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{flag} takes {what}, got {short(text)}") from None
+        if not (low <= value <= high):  # False for nan, too
+            raise UserError(f"{flag} takes {what}, got {short(text)}")
+        out.append(value)
+    return out if values is not None else None
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """Convert and check every flag before any job is built: names against their registries,
+    numbers finite and in range."""
+    args.attacks = _items(args.attacks)
+    for attack in args.attacks or []:
+        get_attack(attack)
+    args.pratios = _numbers("--pratios", args.pratios, float, 0.0, 1.0, "poisoning ratios within [0, 1]")
+    args.seeds = _numbers("--seeds", args.seeds, int, 0, INT_LIMIT, "seeds, integers within [0, 2**63 - 1]")
+    workers = _numbers("--workers", None if args.workers is None else [args.workers], int, 1, 4096,
+                       "a positive integer (at most 4096)")
+    args.workers = workers[0] if workers else None
+    if getattr(args, "model", None) is not None and args.model not in models.model_names():
+        raise UserError(f"--model {short(args.model)} is not one of: {', '.join(models.model_names())}")
+    if getattr(args, "attack_target", None) is not None:
+        args.attack_target = _numbers("--attack_target", [args.attack_target], int, 0, INT_LIMIT,
+                                      "a class index, 0 or positive")[0]
+    if getattr(args, "tag", ""):
+        problem = tag_problem(args.tag)
+        if problem:
+            raise UserError(f"--tag {problem}, got {short(args.tag)}")
+    if getattr(args, "modes", None) is not None:
+        args.modes = parse_modes(" ".join(_items(args.modes)))
+    if getattr(args, "defenses", None) is not None:
+        args.defenses = _items(args.defenses)
+        for d in args.defenses:
+            if d != "none" and d not in ALL_MODES:
+                raise UserError(f"unknown defense {short(d)}: none or one of {', '.join(ALL_MODES)}")
+
+
+def _printed_command(job: Job, slot: tuple[str, dict]) -> str:
+    """The job's command as its slot would run it: the device filled in, the slot's environment
+    in front, shell-quoted so that it can be pasted."""
+    device, env = slot
+    argv = [device if a == DEVICE else a for a in job.argv]
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"{prefix} {shlex.join(argv)}" if prefix else shlex.join(argv)
 
 
 def load_jobs(path: str) -> list[Job]:
@@ -459,7 +560,7 @@ def load_jobs(path: str) -> list[Job]:
         if not data["argv"] or not data["outputs"]:
             raise UserError(f"{where}: argv and outputs must not be empty (outputs say when the job is done)")
         if data["name"] in names:
-            raise UserError(f"{where}: job name {data['name']!r} used twice")
+            raise UserError(f"{where}: job name {short(data['name'])} used twice")
         names.add(data["name"])
         jobs.append(Job(data["name"], data["argv"], data["outputs"], data["log"], data.get("requires", [])))
     return jobs
@@ -469,43 +570,44 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:  # everything after -- goes to each job's script
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        cut_at = argv.index("--")
+        argv, extra = argv[:cut_at], argv[cut_at + 1:]
     args = build_parser().parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        raise UserError("--workers must be positive")
+    _settle(args)
     if args.stage == "attacks":
         if not args.attacks or not args.pratios:
             raise UserError("attacks: give --attacks and --pratios")
         jobs = attack_jobs(args.yaml_path, args.attacks, args.pratios, args.seeds or [0], args.record_root, extra,
                            args.model, args.attack_target)
     elif args.stage == "purify":
-        modes = parse_modes(",".join(args.modes.replace(",", " ").split()))
-        jobs = purify_jobs(args.record_root, modes, extra, args.tag, args.attacks, args.pratios, args.seeds)
+        jobs = purify_jobs(args.record_root, args.modes, extra, args.tag, args.attacks, args.pratios, args.seeds)
     elif args.stage == "jobs":
         jobs = load_jobs(args.jobs_file)
     else:
-        for d in args.defenses:
-            if d != "none" and d not in ALL_MODES:
-                raise UserError(f"unknown defense {d!r}: none or one of {', '.join(ALL_MODES)}")
         jobs = retune_jobs(args.record_root, args.defenses, extra, args.tag, args.attacks, args.pratios, args.seeds)
     if not jobs:
         raise UserError(f"no jobs: nothing under {args.record_root} matches" if args.stage in ("purify", "retune") else "no jobs")
+    params = {}
+    if args.executor == "submitit":
+        try:
+            params = json.loads(args.submitit_params)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--submitit_params is not valid JSON: {err}") from None
+        if not isinstance(params, dict):
+            raise UserError(f"--submitit_params must be a JSON object, got {short(params)}")
     if args.jobs_out:
         Path(args.jobs_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.jobs_out).write_text("".join(json.dumps(asdict(j)) + "\n" for j in jobs))
     if args.dry_run:
-        for job in jobs:
-            print(f"[{'done' if job.done() else 'todo'}] {job.name}: {shlex.join(job.argv)}")
+        slots = local_slots(args.workers, args.devices) if args.executor == "local" else \
+            [("cpu" if args.devices == "cpu" else _auto_device(), {})]
+        for i, job in enumerate(jobs):
+            print(f"[{'done' if job.done() else 'todo'}] {job.name}: {_printed_command(job, slots[i % len(slots)])}")
         return 0
     start = time.perf_counter()
     if args.executor == "local":
         outcomes = run_local(jobs, local_slots(args.workers, args.devices))
     else:
-        try:
-            params = json.loads(args.submitit_params)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--submitit_params is not valid JSON: {err}") from None
         outcomes = run_submitit(jobs, str(Path(args.record_root) / "submitit"), args.cluster, params,
                                 "cpu" if args.devices == "cpu" else "auto")
     return report(outcomes, time.perf_counter() - start)

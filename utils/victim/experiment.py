@@ -2,6 +2,7 @@
 training set and the backdoor test set; built fresh for training or rebuilt from a record."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,12 +23,18 @@ from utils.attacks.poison import (
 from utils.config import (
     REPO_ROOT,
     Option,
+    pre_parse,
     build_parser,
+    device,
     load_yaml,
+    non_negative,
     parse_bool,
     parse_progress,
+    positive,
     resolve,
     resolve_path,
+    seed,
+    short,
     within,
 )
 from utils.data.datasets import (
@@ -41,35 +48,49 @@ from utils.errors import UserError
 from utils.record.resources import RESOURCE_OPTIONS
 from utils.record.store import portable_path
 
+
+def _known_model(name: str) -> str | None:
+    names = models.model_names()
+    return None if name in names else f"is not a registered model; choose one of: {', '.join(names)}"
+
+
 COMMON_OPTIONS: list[Option] = [
     Option("dataset", str, "cifar10", "dataset name", choices=DATASETS.keys()),  # a live view: later registrations count
     Option("dataset_path", str, "data", "folder holding the datasets"),
     Option("download", parse_bool, False, "download the dataset with torchvision when missing (needs internet)"),
-    Option("model", str, "resnet18", "architecture from the model registry"),
+    Option("model", str, "resnet18", "architecture from the model registry", check=_known_model),
     Option("pretrained", parse_bool, False, "start from ImageNet weights (swin_t only)"),
     Option("input_size", int, 0, "side of the model input; images are resized per batch (0: the dataset's own)",
            check=within(0, engine.MAX_INPUT_SIZE)),
-    Option("epochs", int, 100, "training epochs"),
-    Option("batch_size", int, 128, "training batch size"),
-    Option("lr", float, 0.1, "initial learning rate"),
-    Option("sgd_momentum", float, 0.9, "SGD momentum"),
-    Option("wd", float, 5e-4, "weight decay"),
+    Option("epochs", int, 100, "training epochs", check=positive),
+    Option("batch_size", int, 128, "training batch size", check=positive),
+    Option("lr", float, 0.1, "initial learning rate", check=positive),
+    Option("sgd_momentum", float, 0.9, "SGD momentum", check=within(0, 1, high_open=True)),
+    Option("wd", float, 5e-4, "weight decay", check=non_negative),
     Option("lr_scheduler", str, "cosine", "learning-rate schedule over the run's own epochs", choices=("cosine", "none")),
-    Option("random_seed", int, 0, "seed for data selection, poisoning, initialisation and batch order"),
-    Option("device", str, "cuda:0", "cuda:N, cpu or auto; CUDA missing falls back to the CPU with a warning"),
+    Option("random_seed", int, 0, "seed for data selection, poisoning, initialisation and batch order", check=seed),
+    Option("device", str, "auto", "cuda:N, cpu or auto (a GPU when there is one); CUDA missing falls back to the CPU "
+           "with a warning", check=device),
     Option("amp", str, "auto", "mixed precision", choices=("auto", "bf16", "fp16", "none")),
-    Option("pratio", float, 0.1, "poisoning ratio in [0, 1]; 0 trains a clean model"),
-    Option("attack_target", int, 0, "target label"),
+    Option("pratio", float, 0.1, "poisoning ratio in [0, 1]; 0 trains a clean model", check=within(0, 1)),
+    Option("attack_target", int, 0, "target label", check=non_negative),
     Option("attack_label_trans", str, "all2one", "all2one: every poisoned label -> target; all2all: y -> y+1 mod C",
            choices=LABEL_TRANS),
-    Option("train_subset", int, 0, "train on this many seeded-random training images (0: all)"),
-    Option("test_subset", int, 0, "evaluate on this many seeded-random test images (0: all)"),
-    Option("eval_batch_size", int, 0, "batch size for evaluation (0: 1024 on GPU, 256 on CPU)"),
+    Option("train_subset", int, 0, "train on this many seeded-random training images (0: all)", check=non_negative),
+    Option("test_subset", int, 0, "evaluate on this many seeded-random test images (0: all)", check=non_negative),
+    Option("eval_batch_size", int, 0, "batch size for evaluation (0: 1024 on GPU, 256 on CPU)", check=non_negative),
     Option("record_root", str, "record", "folder that holds the records"),
     *RESOURCE_OPTIONS,
     Option("overwrite", parse_bool, False, "replace an existing record", yaml=False),
     Option("progress", parse_progress, "auto", "progress bars: true, false or auto (only on a terminal)"),
 ]
+
+#: the prototype an attack script uses when no --yaml_path is given, and the small one to suggest
+DEFAULT_PROTOTYPE = "../config/attack/prototype/cifar10.yaml"
+SMALL_PROTOTYPE = "config/attack/prototype/fmnist.yaml"
+# set by parse_attack_config when no --yaml_path was given: appended to a missing-dataset error, so
+# that a user who forgot --yaml_path learns why CIFAR-10 was wanted and what runs offline-sized
+_missing_data_hint = ""
 
 
 def attack_options(spec: attacks.AttackSpec) -> list[Option]:
@@ -85,30 +106,51 @@ def attack_options(spec: attacks.AttackSpec) -> list[Option]:
 
 
 def parse_attack_config(attack: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Defaults < prototype YAML (`--yaml_path`) < attack YAML (`--bd_yaml_path`) < flags."""
+    """Defaults < prototype YAML (`--yaml_path`) < attack YAML (`--bd_yaml_path`) < flags. The YAML
+    files are read first, so that --help shows the defaults they give."""
+    global _missing_data_hint
     spec = attacks.get_attack(attack)
     options = attack_options(spec)
     script_dir = REPO_ROOT / "attack"
-    parser = build_parser(options, f"Train a {attack} backdoored model and write a record.", [
-        ("yaml_path", "../config/attack/prototype/cifar10.yaml", "prototype YAML: dataset and training recipe"),
+    yaml_flags = [
+        ("yaml_path", DEFAULT_PROTOTYPE, "prototype YAML: dataset and training recipe"),
         ("bd_yaml_path", f"../config/attack/{attack}/default.yaml", "attack YAML: trigger parameters"),
-    ])
-    args = vars(parser.parse_args(argv))
-    proto_path = resolve_path(args.pop("yaml_path"), script_dir, "prototype YAML")
-    attack_path = resolve_path(args.pop("bd_yaml_path"), script_dir, "attack YAML")
+    ]
+    pre = pre_parse(argv, yaml_flags)
+    proto_path = resolve_path(pre["yaml_path"], script_dir, "prototype YAML")
+    attack_path = resolve_path(pre["bd_yaml_path"], script_dir, "attack YAML")
     layers = [(str(proto_path), load_yaml(proto_path, options)), (str(attack_path), load_yaml(attack_path, options))]
+    shown = {k: v for _, layer in layers for k, v in layer.items()}
+    description = (f"Train a {attack} backdoored model and write a record. Defaults shown as 'default here' come "
+                   f"from {portable_path(str(proto_path.resolve()))} and {portable_path(str(attack_path.resolve()))}.")
+    args = vars(build_parser(options, description, yaml_flags, shown).parse_args(argv))
+    args.pop("yaml_path", None)
+    args.pop("bd_yaml_path", None)
     cfg = resolve(options, layers, args)
+    _missing_data_hint = ""
+    if "yaml_path" not in pre_given(argv):
+        _missing_data_hint = (f"no --yaml_path was given, so the CIFAR-10 prototype is used; for a small run "
+                              f"use --yaml_path {SMALL_PROTOTYPE}")
+        warnings.warn(f"no --yaml_path given: using {DEFAULT_PROTOTYPE.removeprefix('../')} ({cfg['dataset']}, "
+                      f"{cfg['model']}, {cfg['epochs']} epochs); --yaml_path {SMALL_PROTOTYPE} is the small CPU-sized "
+                      f"recipe", stacklevel=2)
     cfg["attack"] = attack
     cfg["yaml_path"] = portable_path(str(proto_path.resolve()))
     cfg["bd_yaml_path"] = portable_path(str(attack_path.resolve()))
     return cfg
 
 
+def pre_given(argv: Sequence[str] | None) -> set[str]:
+    """Which of the YAML-path flags the command line spells out."""
+    given = pre_parse(argv, [("yaml_path", None, ""), ("bd_yaml_path", None, "")])
+    return {k for k, v in given.items() if v is not None}
+
+
 def validate_config(cfg: dict[str, Any]) -> DatasetInfo:
     info = dataset_info(cfg["dataset"])
     check_pratio(cfg["pratio"])
     if cfg["model"] not in models.model_names():
-        raise UserError(f"unknown model {cfg['model']!r}; choose one of: {', '.join(models.model_names())}")
+        raise UserError(f"unknown model {short(cfg['model'])}; choose one of: {', '.join(models.model_names())}")
     if not 0 <= cfg["attack_target"] < info.num_classes:
         raise UserError(f"attack_target {cfg['attack_target']} is not a class of {info.name} (0..{info.num_classes - 1})")
     for key in ("epochs", "batch_size"):
@@ -174,8 +216,13 @@ def prepare_experiment(cfg: dict[str, Any], info: DatasetInfo, device: torch.dev
     training set and the backdoor test set, all as device tensors."""
     spec = attacks.get_attack(cfg["attack"])
     seed = cfg["random_seed"]
-    train_full = load_dataset(info.name, cfg["dataset_path"], train=True, download=cfg.get("download", False))
-    test_full = load_dataset(info.name, cfg["dataset_path"], train=False, download=cfg.get("download", False))
+    try:
+        train_full = load_dataset(info.name, cfg["dataset_path"], train=True, download=cfg.get("download", False))
+        test_full = load_dataset(info.name, cfg["dataset_path"], train=False, download=cfg.get("download", False))
+    except UserError as err:
+        if fresh and _missing_data_hint:
+            raise UserError(f"{err}; {_missing_data_hint}") from None
+        raise
     if fresh:
         train_indices = subset_indices(len(train_full), cfg["train_subset"], engine.derive_seed(seed, "train-subset"))
         test_indices = subset_indices(len(test_full), cfg["test_subset"], engine.derive_seed(seed, "test-subset"))
