@@ -149,7 +149,7 @@ def _cases(base: Path, real: bool = True) -> list[Case]:
     attack("attack-pratio-big", ["--pratio", "2"], "--pratio must be within [0, 1]")
     attack("attack-target-negative", ["--attack_target", "-1"], "--attack_target must be 0 or positive")
     attack("attack-input-size-huge", ["--input_size", "100000"], "--input_size must be within")
-    attack("attack-patch-size-zero", ["--patch_size", "0"], "--patch_size must be within [1, 64]")
+    attack("attack-patch-size-zero", ["--patch_size", "0"], "--patch_size must be within [1, 32]")
     attack("wanet-k-zero", ["--k", "0"], "--k must be within", WANET)
     attack("wanet-s-nan", ["--s", "nan"], "--s must be a finite number", WANET)
     attack("inputaware-depth", ["--net_depth", "100"], "--net_depth must be within", INPUTAWARE)
