@@ -14,16 +14,17 @@ import models
 from utils import engine
 from utils.config import Option, dotted_name, non_negative, parse_bool, parse_optional_float, positive, seed, within
 from utils.attacks.poison import LABEL_TRANS
-from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PurifySettings, der, parse_modes,
-                                   purify, tuning_indices)
+from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PoisonedSamples, PurifySettings, der,
+                                   parse_modes, purify, tuning_indices)
 from utils.record.resources import tensor_digest
 from utils.commands.driver import aborting, check_record_args, check_record_matches, check_tag, finish_run, parse_record_command, record_label, record_options, run_arguments, run_options, stage, start_runtime
-from utils.record.store import (load_record, load_state_dict_checked)
+from utils.record.store import load_record, load_state_dict_checked, write_bytes
 from utils.record.layout import RECORD_FILE, defense_folder, find_record
 from utils.defenses.bti import BTISettings
 from utils.data.datasets import dataset_info
 from utils.victim.experiment import build_model_for
 from utils.engine.runtime import device_name
+from utils.errors import UserError
 from utils.defenses.purify import mode_options
 
 
@@ -124,7 +125,8 @@ def settings_for(args: argparse.Namespace, shared: dict | None = None) -> Purify
                           frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
                           progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
                           pam_rho=args.pam_rho, rounds=args.rounds, unlearn_ratio=args.unlearn_ratio, bti=bti,
-                          eval_every=args.eval_every, shared=shared)
+                          eval_every=args.eval_every, shared=shared,
+                          extra={o.name: getattr(args, o.name) for o in ALL_MODES[args.ft_mode].options})
 
 
 def tuning_set(labels, args: argparse.Namespace):
@@ -203,22 +205,38 @@ def _purify_mode(name: str, args, rt, model, before: dict, shared: dict, record:
     tee = _Tee(sys.stdout, log) if args.log else sys.stdout
     start = time.perf_counter()
     info: dict = {}
+    poisoned = poisoned_samples(exp, record, rt.device) if ALL_MODES[name].needs_poisoned else None
     with contextlib.redirect_stdout(tee):
         purified, rows = purify(model, ALL_MODES[name], tune_images, tune_labels, exp.pipeline, settings_for(margs, shared),
-                                rt.evaluate, rt.amp, info)
+                                rt.evaluate, rt.amp, info, poisoned)
         _print_progress(name, info, rows)
     after = {k: rows[-1][k] for k in ("clean_acc", "asr", "ra")} if rows else before
+    for file_name, data in info.get("artifacts", {}).items():  # e.g. NC's reversed triggers
+        if Path(file_name).name != file_name or file_name.startswith("."):
+            raise ValueError(f"{name}: artifact name {file_name!r} is not a plain file name")
+        write_bytes(staged.stage / file_name, data)
     final = finish_run(staged, {
         "ft_mode": name, "record": record_label(record, folder),
         "before": before, "after": after, "der": der(before, after),
         "tuning_size": len(tune_idx), "tuning_digest": tensor_digest(tune_idx),
         **({"inversion": info["rounds"]} if "rounds" in info else {}),
+        **info.get("result", {}),
         "seconds": round(time.perf_counter() - start, 2), "device": device_name(rt.device),
     }, rows, run_arguments(margs), weights=purified.state_dict() if args.save else None,
         log=log.getvalue() if args.log else None)
     print(f"{name}: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
           f"DER {der(before, after):.4f}  -> {final}", flush=True)
     return after
+
+
+def poisoned_samples(exp, record: dict, device) -> PoisonedSamples:
+    """The record's poisoned training images (trigger applied as in training) with their true labels.
+    Attacks that poison inside each training batch (WaNet, Input-aware, ...) keep no poisoned images."""
+    if record.get("batch_poisoning") or not len(exp.poison_indices):
+        raise UserError(f"the {record['attack']} record keeps no poisoned training images "
+                        f"({'poisoned inside each training batch' if record.get('batch_poisoning') else 'pratio 0'})")
+    idx = exp.poison_indices.to(exp.train.images.device)
+    return PoisonedSamples(exp.train.images[idx].to(device), exp.train.true_labels[idx].to(device))
 
 
 def _print_progress(name: str, info: dict, rows: list[dict]) -> None:

@@ -20,7 +20,7 @@ Both run `rounds` rounds (official: 3) of trigger inversion followed by `epochs`
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -55,6 +55,57 @@ class Mode:
     schedule: str = "cosine"  # "cosine" over the epochs, or "constant"
     defaults: tuple = ()  # (option, value) pairs that replace the per-dataset defaults for this mode
     options: tuple = ()  # the mode's own settings (flags of ft.py, keys of its YAML)
+    #: a defense that is not a variant of the fine-tuning loop above (pruning, trigger reversal,
+    #: distillation, ...): `algorithm(model, mode, tuning) -> (purified model, rows)`, given a copy of
+    #: the backdoored model and a `Tuning`. The description fields above then only name the mode;
+    #: the algorithm may run the shared loop for its fine-tuning phases (`purify(..., hooks=...)`
+    #: with `FINETUNE`). Rows are one dict per epoch, as the loop's, with at least
+    #: epoch/lr/train_loss/train_acc/clean_acc/asr/ra (the last row's metrics are the result).
+    algorithm: Callable | None = None
+    #: the algorithm needs the record's poisoned training samples with their true labels (`Tuning.poisoned`)
+    needs_poisoned: bool = False
+
+
+@dataclass
+class PoisonedSamples:
+    """The record's poisoned training images as the victim saw them (trigger applied, uint8, on the
+    tuning device) with their true, not their backdoor, labels."""
+
+    images: torch.Tensor
+    true_labels: torch.Tensor
+
+
+@dataclass
+class StepHooks:
+    """What an algorithm adds to the shared loop: `extra_loss(net, x, y, logits)` joins every step's
+    loss (NAD's attention term), `after_step()` runs after every optimiser step (keeping pruned
+    weights at zero)."""
+
+    extra_loss: Callable | None = None
+    after_step: Callable | None = None
+
+
+@dataclass
+class Tuning:
+    """Everything a purification algorithm (`Mode.algorithm`) works with. It reports through
+    `result` (extra keys of result.json, e.g. anomaly indices) and `artifacts` (file name -> bytes,
+    written into the result folder, e.g. reversed triggers as PNG)."""
+
+    images: torch.Tensor       # the clean tuning images, uint8, on the device
+    labels: torch.Tensor
+    pipeline: object           # engine.Pipeline: augmentation and normalisation of batches
+    settings: "PurifySettings"
+    evaluate: Callable         # net -> {"clean_acc", "asr", "ra"} on the record's test sets
+    amp: object = None
+    poisoned: PoisonedSamples | None = None
+    result: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)
+
+    def option(self, name: str):
+        """A mode setting (one of `Mode.options`) as resolved for this run."""
+        if name not in self.settings.extra:
+            raise KeyError(f"mode setting {name!r} was not resolved for this run")
+        return self.settings.extra[name]
 
 
 # the settings only some modes read; each mode lists the ones it uses
@@ -107,6 +158,10 @@ register_mode(Mode("bti", "BTI", False, "all", False, "BTI-DBF(U) unlearning: CE
 register_mode(Mode("pam", "PAM", False, "all", False, "BTI-DBF unlearning with path-aware minimisation steps (PAM)",
                    step="pam", unlearn=True, schedule="constant", defaults=UNLEARN_DEFAULTS + (("lr", 0.01), ("momentum", 0.1)),
                    options=PAM_OPTIONS + UNLEARN_OPTIONS))
+
+#: the plain fine-tuning phase of the baselines (FP, NAD, NC, EP ...): every parameter trains, cosine
+#: schedule, no head re-initialisation, no head-norm projection (not one of the FST modes). Not registered.
+FINETUNE = Mode("finetune", "fine-tuning", False, "all", False, "plain fine-tuning, the fine-tuning phase of a baseline")
 
 #: views of the registry: the FST paper's five modes, and the others
 MODES: dict[str, Mode] = {n: m for n, m in ALL_MODES.items() if m.fst}
@@ -204,6 +259,8 @@ class PurifySettings:
     # bti/pam: a dict shared by the modes of one run, so that they reuse one pre-trained generator
     # (pre-training depends only on the backdoored model, the tuning images and the BTI settings)
     shared: dict | None = None
+    #: the resolved values of the mode's own options (`Mode.options`), read by algorithms through `Tuning.option`
+    extra: dict = field(default_factory=dict)
 
 
 def _set_trainable(model: nn.Module, head: nn.Linear, trains: str) -> list[nn.Parameter]:
@@ -227,11 +284,22 @@ def _freeze_bn(model: nn.Module) -> None:
 
 def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Tensor, pipeline: engine.Pipeline,
            settings: PurifySettings, evaluate: Callable[[nn.Module], dict], amp=None,
-           info: dict | None = None) -> tuple[nn.Module, list[dict]]:
+           info: dict | None = None, poisoned: PoisonedSamples | None = None,
+           hooks: StepHooks | None = None) -> tuple[nn.Module, list[dict]]:
     """Purify a copy of `model` on the tuning set; returns it and one metrics row per epoch.
     Unlearning modes run `settings.rounds` rounds of `settings.epochs` epochs and report each round's
-    trigger inversion (detected target label and its share) in `info["rounds"]` when `info` is given."""
+    trigger inversion (detected target label and its share) in `info["rounds"]` when `info` is given.
+    A mode with an `algorithm` runs it instead; what it reports lands in `info["result"]` and
+    `info["artifacts"]`."""
     model = copy.deepcopy(model)
+    if mode.algorithm is not None:
+        if mode.needs_poisoned and poisoned is None:
+            raise UserError(f"--ft_mode {mode.name} needs the record's poisoned training samples")
+        tuning = Tuning(images, labels, pipeline, settings, evaluate, amp, poisoned)
+        model, rows = mode.algorithm(model, mode, tuning)
+        if info is not None:
+            info["result"], info["artifacts"] = tuning.result, tuning.artifacts
+        return model, rows
     head = get_head(model, settings.linear_name)
     orig_weight = head.weight.detach().clone()
     orig_norm = orig_weight.norm()
@@ -275,11 +343,16 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
         elif mode.step == "pam":
             shift.apply(path_offsets(params, anchor, settings.pam_rho))
         logits = net(x)
-        return objective(logits, y), logits
+        loss = objective(logits, y)
+        if hooks is not None and hooks.extra_loss is not None:
+            loss = loss + hooks.extra_loss(net, x, y, logits)
+        return loss, logits
 
     def after_step():
         if batch_scheduler is not None:
             batch_scheduler.step()
+        if hooks is not None and hooks.after_step is not None:
+            hooks.after_step()
         if project:
             with torch.no_grad():
                 head.weight.mul_(orig_norm / head.weight.norm().clamp_min(1e-12))
