@@ -25,8 +25,10 @@ from conftest import RECORD_REL, REPO_ROOT, attack_argv, copy_record
 from test_cli import ATTACK, FT, assert_unchanged, assert_user_error, ft_args, run_script, snapshot
 from utils.errors import UserError, run_cli
 from utils.record import lock as locks
+from utils.record import resources
 from utils.record.layout import CHECKPOINT_FILE, RECORD_FILE, RESULT_FILE, lock_path, stage_path
 from utils.record.lock import FolderLock, LostLock
+from utils.record.resources import META_FILE, RESOURCE_FILE, Resource
 from utils.record.store import StagedFolder, load_torch_file, write_json
 
 
@@ -215,6 +217,46 @@ def test_pickle_refusal_is_complete_and_short(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "\x1b" not in message and len(message) < 400
     assert "(print)" in message and message.endswith("--overwrite true)")
+
+
+def test_resource_meta_that_is_not_an_object_is_rebuilt(tmp_path, capsys):
+    resource = Resource("surrogate", {"dataset": "cifar10", "seed": 0}, tmp_path)
+    resource.get(lambda progress: ({"w": torch.ones(2)}, {"acc": 1.0}))
+    (resource.folder / META_FILE).write_text("[1, 2]")
+    again = Resource("surrogate", {"dataset": "cifar10", "seed": 0}, tmp_path)
+    payload = again.get(lambda progress: ({"w": torch.zeros(2)}, {}))
+    assert "not a JSON object" in capsys.readouterr().err and torch.equal(payload["w"], torch.zeros(2))
+    assert json.loads((resource.folder / META_FILE).read_text())["kind"] == "surrogate"
+    assert (resource.folder / RESOURCE_FILE).exists()
+
+
+def test_resource_built_by_another_run_is_waited_for_not_built_twice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(resources, "WAIT_S", 0.05)
+    key = {"dataset": "cifar10", "seed": 0}
+    first = Resource("surrogate", key, tmp_path)
+    first.folder.mkdir(parents=True)
+    holding = FolderLock(first.folder).acquire()  # the other run, building
+
+    def other_run_finishes():
+        time.sleep(0.3)
+        first._build(lambda progress: ({"w": torch.ones(1)}, {}))
+        holding.release()
+
+    finisher = threading.Thread(target=other_run_finishes)
+    finisher.start()
+    built = []
+    payload = Resource("surrogate", key, tmp_path).get(lambda progress: built.append(1) or ({"w": torch.zeros(1)}, {}))
+    finisher.join()
+    assert built == [] and torch.equal(payload["w"], torch.ones(1))
+    assert "waiting" in capsys.readouterr().err
+    assert not lock_path(first.folder).exists()
+
+
+def test_resource_root_that_is_a_file_is_one_line(tmp_path):
+    root = tmp_path / "resources"
+    root.write_text("")
+    with pytest.raises(UserError, match="--resource_root.*is a file, not a folder"):
+        Resource("surrogate", {"dataset": "cifar10"}, root).get(lambda progress: ({}, {}))
 
 
 # --- through the command line --------------------------------------------------------------------
