@@ -30,6 +30,7 @@ from utils.record.layout import CHECKPOINT_FILE, RECORD_FILE, RESULT_FILE, lock_
 from utils.record.lock import FolderLock, LostLock
 from utils.record.resources import META_FILE, RESOURCE_FILE, Resource
 from utils.record.store import StagedFolder, load_torch_file, write_json
+from utils.tools import sweep
 
 
 def _dead_pid() -> int:
@@ -257,6 +258,22 @@ def test_resource_root_that_is_a_file_is_one_line(tmp_path):
     root.write_text("")
     with pytest.raises(UserError, match="--resource_root.*is a file, not a folder"):
         Resource("surrogate", {"dataset": "cifar10"}, root).get(lambda progress: ({}, {}))
+
+
+# --- sweeps --------------------------------------------------------------------------------------
+
+def test_sweep_reports_a_held_job_without_touching_its_log(tmp_path):
+    out = tmp_path / "rec" / "defense" / "fst"
+    log = tmp_path / "logs" / "job.log"
+    log.parent.mkdir()
+    log.write_text("the other sweep's log\n")
+    _write_lock(out, os.getpid())
+    job = sweep.Job("job", [sys.executable, "-c", "raise SystemExit(3)"], [str(out / RESULT_FILE)], str(log))
+    lines = []
+    [outcome] = sweep.run_local([job], [("cpu", {})], echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert outcome.status == "held" and f"pid {os.getpid()}" in outcome.detail and str(lock_path(out)) in outcome.detail
+    assert log.read_text() == "the other sweep's log\n"
+    assert sweep.report([outcome], 1.0, echo=lines.append) == 1 and any("HELD job" in ln for ln in lines)
 
 
 # --- through the command line --------------------------------------------------------------------
