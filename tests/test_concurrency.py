@@ -96,6 +96,12 @@ def test_empty_lock_file_counts_as_a_run_starting(tmp_path):
     lock_path(folder).write_bytes(b"")
     with pytest.raises(UserError, match="just starting"):
         FolderLock(folder).acquire()
+    lock_path(folder).write_text("[1, 2]")  # damaged: judged by its age only, like an empty one
+    with pytest.raises(UserError, match="unknown run"):
+        FolderLock(folder).acquire()
+    then = time.time() - locks.STALE_AFTER_S - 1
+    os.utime(lock_path(folder), (then, then))
+    FolderLock(folder).acquire().release()
 
 
 def test_racing_takeovers_leave_exactly_one_owner(tmp_path):

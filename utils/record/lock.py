@@ -87,8 +87,10 @@ class Holder:
 
     def describe(self) -> str:
         i = self.info
-        if not i:
+        if not self.raw.strip():
             return f"a run that is just starting (its lock file {self.path} is still empty)"
+        if not i:
+            return f"an unknown run (its lock file {self.path} is not one this toolkit writes)"
         command = str(i.get("command", "?"))
         command = command if len(command) <= 160 else command[:157] + "..."
         return (f"pid {i.get('pid', '?')} on host {i.get('host', '?')} (user {i.get('user', '?')}, "
