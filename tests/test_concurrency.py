@@ -226,6 +226,27 @@ def test_pickle_refusal_is_complete_and_short(tmp_path):
     assert "(print)" in message and message.endswith("--overwrite true)")
 
 
+def test_damage_message_is_cut_at_a_word(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"PK\x03\x04" + b"x" * 100)  # a zip header and nothing else
+    with pytest.raises(UserError) as info:
+        load_torch_file(path, "record file")
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400 and message.endswith("to rebuild it")
+
+
+def test_overwrite_clears_a_stage_that_is_a_file(tmp_path):
+    final = tmp_path / "rec"
+    stage_path(final).write_text("not a stage")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        StagedFolder(final, overwrite=False, what="record", marker=RECORD_FILE, resumable=True)
+    assert not lock_path(final).exists()
+    staged = StagedFolder(final, overwrite=True, what="record", marker=RECORD_FILE, resumable=True)
+    assert staged.stage.is_dir()
+    staged.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_resource_meta_that_is_not_an_object_is_rebuilt(tmp_path, capsys):
     resource = Resource("surrogate", {"dataset": "cifar10", "seed": 0}, tmp_path)
     resource.get(lambda progress: ({"w": torch.ones(2)}, {"acc": 1.0}))

@@ -160,7 +160,9 @@ _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 def _corrupt(what: str, path: Path, err: BaseException) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    first = first if len(first) <= 160 else first[:first.rfind(" ", 0, 157)] + " ..."
+    if len(first) > 160:  # cut at a word, and say so
+        cut = first.rfind(" ", 0, 157)
+        first = first[:cut if cut > 0 else 157] + " ..."
     return (f"{what} {path} is corrupt or truncated ({type(err).__name__}: {first}); "
             "re-run the attack with --overwrite true to rebuild it")
 
