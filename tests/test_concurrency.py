@@ -303,6 +303,22 @@ def test_sweep_reports_a_held_job_without_touching_its_log(tmp_path):
     assert sweep.report([outcome], 1.0, echo=lines.append) == 1 and any("HELD job" in ln for ln in lines)
 
 
+def test_second_sweep_does_not_start_a_job_the_first_runs(tmp_path):
+    """The first sweep claims the job before its script has started (and locked its output): the
+    second sweep must neither start it nor truncate its log."""
+    out = tmp_path / "rec" / "defense" / "fst"
+    log = tmp_path / "logs" / "job.log"
+    job = sweep.Job("job", [sys.executable, "-c", "raise SystemExit(3)"], [str(out / RESULT_FILE)], str(log))
+    first = FolderLock(log, "job log").acquire()  # the first sweep, between its claim and the job's own lock
+    log.write_text("$ the first sweep's job\n")
+    [outcome] = sweep.run_local([job], [("cpu", {})], echo=lambda *a, **k: None)
+    assert outcome.status == "held" and "job log" in outcome.detail and f"pid {os.getpid()}" in outcome.detail
+    assert log.read_text() == "$ the first sweep's job\n"
+    first.release()
+    [outcome] = sweep.run_local([job], [("cpu", {})], echo=lambda *a, **k: None)
+    assert outcome.status == "failed" and _leftovers(tmp_path) == []
+
+
 # --- through the command line --------------------------------------------------------------------
 
 def test_attack_on_a_record_another_run_writes_refuses(tmp_path, tiny_cifar10, badnet_record):

@@ -46,7 +46,7 @@ from utils.errors import UserError, run_cli
 from utils.defenses.purify import ALL_MODES, parse_modes
 from utils.record.layout import CONFIG_FILE, MODEL_FILE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder, format_pratio, logs_folder, record_name, resources_folder, retune_folder, source_folder
 from utils.config import REPO_ROOT
-from utils.record.lock import held_message, holder_of
+from utils.record.lock import FolderLock, LockHeld, held_message, holder_of
 
 DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
 SCRIPTS = {"blended_bypass": "blend_bypass"}  # attack name -> attack/<script>.py where they differ
@@ -243,12 +243,29 @@ def _status(rc: int) -> str:
 
 def execute(job: Job, device: str, env: dict | None = None, running: dict | None = None) -> tuple[int, str]:
     """Run one job now, output to its log; returns (exit status, one-line detail); `HELD` when
-    another run (a second sweep on the same root, say) writes the job's output now. `running`, when
-    given, holds the job's process while it runs (so an interrupted sweep can stop it). Module-level
-    so that submitit can pickle it by reference."""
-    held = held_by_other_run(job)
-    if held:
-        return HELD, held
+    another run writes the job's output now, or another sweep (on the same root) runs the same
+    job. `running`, when given, holds the job's process while it runs (so an interrupted sweep can
+    stop it). Module-level so that submitit can pickle it by reference."""
+    # The sweep claims the job (a lock beside its log) before it touches the log: a second sweep
+    # would otherwise truncate the log the first one's job is writing, in the seconds before the
+    # job's own script takes the lock of its output folder.
+    claim = FolderLock(Path(job.log), "job log")
+    try:
+        claim.acquire()
+    except LockHeld as err:
+        return HELD, str(err)
+    try:
+        if job.done():
+            return 0, ""  # finished by another sweep between our look and our claim
+        held = held_by_other_run(job)
+        if held:
+            return HELD, held
+        return _execute(job, device, env, running)
+    finally:
+        claim.release()
+
+
+def _execute(job: Job, device: str, env: dict | None, running: dict | None) -> tuple[int, str]:
     log = Path(job.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [device if a == DEVICE else a for a in job.argv]
