@@ -204,6 +204,25 @@ def test_run_cli_turns_a_stray_os_error_into_one_line(capsys):
     assert stop.value.code == 2 and err.splitlines() == ["error: /some/where: Permission denied"]
 
 
+def test_run_cli_stops_on_sigterm_but_keeps_an_ignored_sighup(capsys):
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        def main():
+            os.kill(os.getpid(), signal.SIGHUP)
+            print("still running")
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("never printed")
+
+        with pytest.raises(SystemExit) as stop:
+            run_cli(main)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # given back as found
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    captured = capsys.readouterr()
+    assert stop.value.code == 130 and captured.out == "still running\n" and captured.err == "interrupted\n"
+
+
 def test_root_that_is_a_file_is_one_line(tmp_path):
     root = tmp_path / "root"
     root.write_text("not a folder")

@@ -41,11 +41,14 @@ def run_cli(main: Callable[[], object]) -> None:
     file), printed with its path instead of a traceback. Warnings print as one `warning: <message>`
     line instead of Python's two-line source echo. SIGTERM and SIGHUP (a plain `kill`, a closed
     terminal, a sweep stopping its jobs) stop the command like Ctrl-C, so that it removes its
-    unfinished output and releases the folders it holds."""
+    unfinished output and releases the folders it holds; a signal the caller ignores (`nohup`)
+    stays ignored."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    old = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _interrupt)
+            if signal.getsignal(sig) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+                old[sig] = signal.signal(sig, _interrupt)
     try:
         main()
     except UserError as err:
@@ -57,3 +60,6 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for sig, handler in old.items():  # in-process callers (tests) get their own handlers back
+            signal.signal(sig, handler)
