@@ -263,7 +263,9 @@ def test_resumable_staged_folder_is_found_again(tmp_path):
     final = tmp_path / "rec" / "result"
     first = StagedFolder(final, overwrite=False, what="attack result", marker=RECORD_FILE, resumable=True)
     (first.stage / "checkpoint.pt").write_bytes(b"epoch 3")
-    # the run is killed here; a new run with the same settings finds the checkpoint
+    # the run is interrupted here (it gives the folder up, keeping its stage); a new run with the
+    # same settings finds the checkpoint (a run killed with -9 leaves its lock: tests/test_concurrency.py)
+    first.release()
     second = StagedFolder(final, overwrite=False, what="attack result", marker=RECORD_FILE, resumable=True)
     assert second.stage == first.stage
     assert (second.stage / "checkpoint.pt").read_bytes() == b"epoch 3"

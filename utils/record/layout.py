@@ -27,6 +27,25 @@ QRA_DIR = "qra"             # <model folder>/qra[_<tag>]/
 LOGS_DIR = "logs"           # <record root>/logs/ (sweeps)
 RESOURCES_DIR = "resources"  # <record root>/resources/ (the resource cache)
 
+# beside a result folder NAME while a run writes it: hidden names that no reader takes for a result
+def stage_path(final: str | Path, suffix: str = "") -> Path:
+    """`.NAME.partial` (an attack's resumable stage) or `.NAME.partial-<suffix>` (a one-shot stage)."""
+    final = Path(final)
+    return final.parent / (f".{final.name}.partial" + (f"-{suffix}" if suffix else ""))
+
+
+def lock_path(final: str | Path) -> Path:
+    """`.NAME.lock`: the file that says which run owns the result folder NAME (utils/record/lock.py)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.lock"
+
+
+def old_path(final: str | Path, token: str) -> Path:
+    """`.NAME.old-<token>`: a replaced result, for the instant between two renames at commit."""
+    final = Path(final)
+    return final.parent / f".{final.name}.old-{token}"
+
+
 #: --defense_type of the unpurified model: the record's own weights (a clean model for pratio 0)
 NONE = "none"
 

@@ -28,12 +28,16 @@ from typing import Any, Callable
 import torch
 
 from utils.config import Option
-from utils.errors import UserError
+from utils.errors import UserError, os_error_message
+from utils.record.lock import FolderLock, LockHeld
 from utils.record.store import load_torch_file, save_torch, write_json
 
 RESOURCE_OPTIONS = [
     Option("resource_root", str, "record/resources", "cache folder for generated attack resources"),
 ]
+
+#: seconds between two looks at a resource that another run is building
+WAIT_S = 5.0
 
 RESOURCE_FILE = "resource.pt"
 META_FILE = "meta.json"
@@ -126,7 +130,10 @@ class Resource:
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
-            print(f"warning: {meta_path} is unreadable; rebuilding the {self.kind} resource", file=sys.stderr)
+            meta = None
+        if not isinstance(meta, dict):
+            print(f"warning: {meta_path} is unreadable or not a JSON object; rebuilding the {self.kind} resource",
+                  file=sys.stderr)
             return None
         if meta.get("key") != json.loads(json.dumps({"kind": self.kind, **self.key}, default=str)):
             print(f"warning: {self.folder} holds a {self.kind} resource for other settings; rebuilding it",
@@ -141,7 +148,7 @@ class Resource:
         except UserError as err:
             print(f"warning: {err}; rebuilding it", file=sys.stderr)
             return None
-        self.info = meta.get("info", {})
+        self.info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
         return payload
 
     def get(self, build: Callable[[Progress], tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
@@ -152,7 +159,36 @@ class Resource:
             print(f"{self.kind}: using the cache in {self.folder}", flush=True)
             return cached
         folder = self.folder
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(os_error_message(err, f"create the {self.kind} cache folder (--resource_root)", folder)) from None
+        lock = self._lock_for_building()
+        try:
+            cached = self._load_cached()  # built by the run this one waited for
+            if cached is not None:
+                print(f"{self.kind}: using the cache in {self.folder}", flush=True)
+                return cached
+            return self._build(build)
+        finally:
+            lock.release()
+
+    def _lock_for_building(self) -> FolderLock:
+        """Own the cache folder while building it: two runs needing the same resource (two attacks of
+        one sweep, two sweeps on one root) would otherwise build it twice into one `partial.pt`. The
+        second waits for the first (a stale lock is taken over, see utils/record/lock.py)."""
+        waiting = False
+        while True:
+            try:
+                return FolderLock(self.folder, f"{self.kind} resource").acquire()
+            except LockHeld as err:
+                if not waiting:
+                    print(f"{self.kind}: waiting: {err}", file=sys.stderr, flush=True)
+                    waiting = True
+                time.sleep(WAIT_S)
+
+    def _build(self, build) -> dict[str, Any]:
+        folder = self.folder
         progress = Progress(folder / PARTIAL_FILE, self.key_digest)
         resumed = progress.path.exists()
         print(f"{self.kind}: {'resuming' if resumed else 'building'} in {folder}", flush=True)

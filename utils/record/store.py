@@ -8,6 +8,8 @@ import json
 import math
 import os
 import pickle
+import re
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -17,17 +19,26 @@ from typing import Any, Iterable
 import torch
 
 from utils.config import REPO_ROOT
-from utils.errors import UserError
+from utils.errors import UserError, os_error_message
 from utils.fileio import atomic_write
-from utils.record.layout import FORMAT, FORMAT_VERSION, RECORD_FILE
+from utils.record.layout import FORMAT, FORMAT_VERSION, RECORD_FILE, old_path, stage_path
+from utils.record.lock import FolderLock, LostLock
 from utils.engine.runtime import to_cpu
 
 # --- atomic writes --------------------------------------------------------------------------
 
-# temp file + rename, mode 0666 less the umask: utils/fileio.py (shared with the dataset caches)
+def _atomic(path: Path, write) -> None:
+    """`fileio.atomic_write` (temp file + rename, mode 0666 less the umask, shared with the dataset
+    caches); an operating-system error (full disk, quota, permission, a name too long) becomes one
+    line naming `path`, and the temporary file is gone."""
+    try:
+        atomic_write(Path(path), write)
+    except OSError as err:  # atomic_write names `path`, not its temporary twin
+        raise UserError(os_error_message(err, "write")) from None
+
 
 def write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(Path(path), lambda fh: fh.write(data))
+    _atomic(Path(path), lambda fh: fh.write(data))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -105,11 +116,32 @@ def load_torch_file(path: Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused or "weights only load failed" in str(err).lower():
+            name = f" ({refused.group(1)})" if refused else ""
+            raise UserError(f"{what} {path} holds a pickled Python object{name}, not only tensors and plain data; "
+                            "records are loaded as data, never as code, so it is refused: rebuild it with this "
+                            "toolkit (for a record, re-run the attack with --overwrite true)") from None
+        raise UserError(_corrupt(what, path, err)) from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
             AttributeError, TypeError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"{what} {path} is corrupt or truncated ({type(err).__name__}: {first}); "
-                        "re-run the attack with --overwrite true to rebuild it") from None
+        raise UserError(_corrupt(what, path, err)) from None
+
+
+# torch's weights-only refusal names the object it would not rebuild as "GLOBAL module.name"
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _corrupt(what: str, path: Path, err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if len(first) > 160:  # cut at a word, and say so
+        cut = first.rfind(" ", 0, 157)
+        first = first[:cut if cut > 0 else 157] + " ..."
+    return (f"{what} {path} is corrupt or truncated ({type(err).__name__}: {first}); "
+            "re-run the attack with --overwrite true to rebuild it")
 
 
 REQUIRED_KEYS = ("format", "version", "model_name", "num_classes", "in_channels", "image_size", "dataset",
@@ -136,35 +168,102 @@ def load_record(folder: Path) -> dict[str, Any]:
 class StagedFolder:
     """Build a result folder next to its final place and move it in only when complete, so a crash
     leaves no half-written record that looks whole and `--overwrite` replaces the old one only at
-    the end. Without `overwrite`, an existing folder is an error raised before any work starts."""
+    the end. Without `overwrite`, an existing folder is an error raised before any work starts.
+
+    The run owns the folder from here to `commit`/`abort`/`release` (a `FolderLock` beside it): a
+    second run on the same folder stops at once with one line naming the first, and a run that lost
+    its lock (it looked dead to another) writes nothing. Operating-system errors (a root that is a
+    file, a name too long, no permission) become one line naming the path."""
 
     def __init__(self, final: Path, overwrite: bool, what: str, marker: str, resumable: bool = False):
         self.final = Path(final)
         self.what = what
-        if (self.final / marker).exists() and not overwrite:
-            raise UserError(f"{what} {self.final} already exists; pass --overwrite true to replace it")
+        self.resumable = resumable
+        self._refuse_existing(marker, overwrite)
         # folders made here are removed again by abort() if they stay empty
         self._made = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if resumable:
-            # a fixed name, so that a killed run finds its checkpoint again
-            self.stage = self.final.parent / f".{self.final.name}.partial"
-            self.stage.mkdir(exist_ok=True)
-        else:
-            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        self.lock = FolderLock(self.final, what)
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self._remove_made()
+            raise
+        try:
+            self._refuse_existing(marker, overwrite)  # again: another run may have finished meanwhile
+            if resumable:
+                # a fixed name, so that a killed run finds its checkpoint again (only the lock holder uses it)
+                self.stage = stage_path(self.final)
+                if overwrite and self.stage.exists() and not self.stage.is_dir():
+                    self.stage.unlink()  # not a stage at all: --overwrite clears it
+                self.stage.mkdir(exist_ok=True)
+            else:
+                self.stage = self._fresh_stage()
+        except BaseException as err:
+            self.lock.release()
+            self._remove_made()
+            if isinstance(err, OSError):
+                raise UserError(os_error_message(err, f"create the {what} folder", self.final)) from None
+            raise
+
+    def _refuse_existing(self, marker: str, overwrite: bool) -> None:
+        if (self.final / marker).exists() and not overwrite:
+            raise UserError(f"{self.what} {self.final} already exists; pass --overwrite true to replace it")
+
+    def _fresh_stage(self) -> Path:
+        # not tempfile.mkdtemp: its folders are private (0700); results get the usual 0777 & ~umask
+        while True:
+            stage = stage_path(self.final, secrets.token_hex(4))
+            try:
+                stage.mkdir()
+                return stage
+            except FileExistsError:
+                continue
+
+    def check_owner(self) -> None:
+        """A one-line error when another run has taken the folder over (see FolderLock.verify)."""
+        self.lock.verify()
 
     def commit(self) -> None:
-        """Swap the staged folder in; an old folder (with everything in it) goes only now."""
+        """Swap the staged folder in; an old folder (with everything in it) goes only now. A run
+        that no longer owns the folder refuses and leaves the other run's result alone."""
+        try:
+            self.lock.verify()
+        except LostLock:
+            if not self.resumable:  # a one-shot stage is this run's own; the resumable one is shared
+                shutil.rmtree(self.stage, ignore_errors=True)
+            self.lock.release()
+            raise
         old = None
-        if self.final.exists():
-            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            os.replace(self.final, old)
-        os.replace(self.stage, self.final)
+        try:
+            if self.final.exists():
+                old = old_path(self.final, self.lock.token)
+                os.replace(self.final, old)
+            try:
+                os.replace(self.stage, self.final)
+            except OSError:
+                if old is not None:
+                    os.replace(old, self.final)
+                    old = None
+                raise
+        except OSError as err:
+            raise UserError(os_error_message(err, f"move the finished {self.what} into", self.final)) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.lock.release()
+
+    def release(self) -> None:
+        """Give the folder up and keep the stage (a killed attack's checkpoint, for resumption)."""
+        self.lock.release()
 
     def abort(self) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)
+        """Drop the stage (a shared, resumable one only while this run still owns it), give the
+        folder up, and remove the empty folders this run made."""
+        if not self.resumable or self.lock.owned():
+            shutil.rmtree(self.stage, ignore_errors=True)
+        self.lock.release()
+        self._remove_made()
+
+    def _remove_made(self) -> None:
         for folder in self._made:  # deepest first
             try:
                 folder.rmdir()

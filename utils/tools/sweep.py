@@ -47,6 +47,7 @@ from utils.errors import UserError, run_cli
 from utils.defenses.purify import ALL_MODES, parse_modes
 from utils.record.layout import CONFIG_FILE, MODEL_FILE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder, format_pratio, logs_folder, record_name, resources_folder, retune_folder, source_folder
 from utils.config import INT_LIMIT, REPO_ROOT, ArgumentParser, parse_bool, read_yaml, short, tag as tag_problem
+from utils.record.lock import FolderLock, LockHeld, held_message, holder_of
 
 DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
 SCRIPTS = {"blended_bypass": "blend_bypass"}  # attack name -> attack/<script>.py where they differ
@@ -70,7 +71,7 @@ class Job:
 @dataclass
 class Outcome:
     job: Job
-    status: str          # skipped (done before) | ok | failed | blocked
+    status: str          # skipped (done before) | ok | failed | blocked | held (another run writes its output)
     seconds: float = 0.0
     detail: str = ""
 
@@ -250,10 +251,50 @@ def _gpu_count() -> int:
         return 0
 
 
+#: execute's exit status for a job whose output folder another run holds (EX_TEMPFAIL): not started
+HELD = 75
+
+
+def held_by_other_run(job: Job) -> str:
+    """The lock line of the first output folder of `job` that a live run holds, else ''. Such a job
+    is not started (its log, which the other run may be writing, stays untouched)."""
+    for out in job.outputs:
+        folder = Path(out).parent
+        holder = holder_of(folder)
+        if holder is not None:
+            return held_message(folder, holder)
+    return ""
+
+
+def _status(rc: int) -> str:
+    return "ok" if rc == 0 else "held" if rc == HELD else "failed"
+
+
 def execute(job: Job, device: str, env: dict | None = None, running: dict | None = None) -> tuple[int, str]:
-    """Run one job now, output to its log; returns (exit status, one-line detail). `running`, when
-    given, holds the job's process while it runs (so an interrupted sweep can stop it). Module-level
-    so that submitit can pickle it by reference."""
+    """Run one job now, output to its log; returns (exit status, one-line detail); `HELD` when
+    another run writes the job's output now, or another sweep (on the same root) runs the same
+    job. `running`, when given, holds the job's process while it runs (so an interrupted sweep can
+    stop it). Module-level so that submitit can pickle it by reference."""
+    # The sweep claims the job (a lock beside its log) before it touches the log: a second sweep
+    # would otherwise truncate the log the first one's job is writing, in the seconds before the
+    # job's own script takes the lock of its output folder.
+    claim = FolderLock(Path(job.log), "job log")
+    try:
+        claim.acquire()
+    except LockHeld as err:
+        return HELD, str(err)
+    try:
+        if job.done():
+            return 0, ""  # finished by another sweep between our look and our claim
+        held = held_by_other_run(job)
+        if held:
+            return HELD, held
+        return _execute(job, device, env, running)
+    finally:
+        claim.release()
+
+
+def _execute(job: Job, device: str, env: dict | None, running: dict | None) -> tuple[int, str]:
     log = Path(job.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [device if a == DEVICE else a for a in job.argv]
@@ -336,8 +377,8 @@ def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> lis
             with lock:
                 free.append(slot)
         seconds = time.perf_counter() - start
-        status = "ok" if rc == 0 else "failed"
-        echo(f"{'ok' if rc == 0 else 'FAILED'} {job.name} ({seconds:.0f} s){'' if rc == 0 else ': ' + detail}", flush=True)
+        status = _status(rc)
+        echo(f"{'ok' if rc == 0 else status.upper()} {job.name} ({seconds:.0f} s){'' if rc == 0 else ': ' + detail}", flush=True)
         return Outcome(job, status, seconds, detail)
 
     pool = ThreadPoolExecutor(max_workers=len(slots))
@@ -403,8 +444,8 @@ def run_submitit(jobs: list[Job], folder: str, cluster: str | None, parameters: 
             rc, detail = handle.result()
         except Exception as err:  # noqa: BLE001 - the cluster job itself died; keep collecting the others
             rc, detail = 1, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-        status = "ok" if rc == 0 else "failed"
-        echo(f"{'ok' if rc == 0 else 'FAILED'} {job.name}{'' if rc == 0 else ': ' + detail}", flush=True)
+        status = _status(rc)
+        echo(f"{'ok' if rc == 0 else status.upper()} {job.name}{'' if rc == 0 else ': ' + detail}", flush=True)
         outcomes.append(Outcome(job, status, time.perf_counter() - start, detail))
     return outcomes
 
@@ -414,14 +455,17 @@ def _auto_device() -> str:
 
 
 def report(outcomes: list[Outcome], seconds: float, echo=print) -> int:
-    """Print the end report; exit status 1 when any job failed or was blocked."""
-    count = {s: sum(o.status == s for o in outcomes) for s in ("skipped", "ok", "failed", "blocked")}
+    """Print the end report; exit status 1 when any job failed, was blocked or was held by another run."""
+    count = {s: sum(o.status == s for o in outcomes) for s in ("skipped", "ok", "failed", "blocked", "held")}
     echo(f"sweep: {len(outcomes)} jobs in {seconds / 60:.1f} min: {count['ok']} ran, {count['skipped']} done before (skipped), "
-         f"{count['failed']} failed, {count['blocked']} blocked")
+         f"{count['failed']} failed, {count['blocked']} blocked"
+         + (f", {count['held']} held by another run (not started)" if count["held"] else ""))
     for o in outcomes:
         if o.status in ("failed", "blocked"):
             echo(f"  {o.status.upper()} {o.job.name}: {o.detail}\n    log: {o.job.log}")
-    return 1 if count["failed"] or count["blocked"] else 0
+        elif o.status == "held":
+            echo(f"  HELD {o.job.name}: {o.detail}")
+    return 1 if count["failed"] or count["blocked"] or count["held"] else 0
 
 
 # --- command line ------------------------------------------------------------------------------

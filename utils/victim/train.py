@@ -15,6 +15,7 @@ from utils.config import dump_yaml
 from utils.engine.runtime import device_name, to_cpu, versions
 from utils.errors import UserError
 from utils.record.layout import CHECKPOINT_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, METRICS_FILE, RECORD_FILE, SUMMARY_FILE, record_path
+from utils.record.lock import LostLock
 from utils.record.store import (
     StagedFolder,
     clean_state_dict,
@@ -41,17 +42,22 @@ def run_attack(attack: str, argv: Sequence[str] | None = None) -> Path:
     info = validate_config(cfg)
     spec = attacks.get_attack(attack)
     folder = record_path(cfg["record_root"], cfg["dataset"], attack, cfg["pratio"], cfg["attack_target"], cfg["model"])
+    # from here to commit this run owns the record folder and its resumable stage `.NAME.partial`
     staged = StagedFolder(folder, cfg["overwrite"], "record", RECORD_FILE, resumable=True)
     try:
         _train_and_record(cfg, info, spec, staged)
+        staged.commit()
+    except LostLock:
+        staged.release()  # the stage is the new owner's now: leave it alone
+        raise
     except BaseException:
         if (staged.stage / CHECKPOINT_FILE).exists():
             print(f"\nrun stopped; its last finished epoch is kept in {staged.stage}: "
                   "run the same command again to resume", file=sys.stderr)
+            staged.release()
         else:
             staged.abort()
         raise
-    staged.commit()
     print(f"record written to {folder}")
     return folder
 
@@ -64,6 +70,10 @@ def _resume_key(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in _RESUME_FREE_KEYS}
 
 
+_CHECKPOINT_KEYS = ("config", "epoch", "rows", "seconds", "model", "optimizer", "scheduler", "generator", "torch_rng",
+                    "hooks")
+
+
 def _load_checkpoint(stage: Path, cfg: dict) -> dict | None:
     """The checkpoint of an earlier, killed run of the same configuration, if any."""
     path = stage / CHECKPOINT_FILE
@@ -73,6 +83,12 @@ def _load_checkpoint(stage: Path, cfg: dict) -> dict | None:
         ckpt = load_torch_file(path, "checkpoint")
     except UserError as err:
         print(f"ignoring unreadable checkpoint: {err}", file=sys.stderr)
+        path.unlink(missing_ok=True)  # this run owns the stage: an unusable file must not block the next one
+        return None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in _CHECKPOINT_KEYS):
+        print(f"ignoring {path}: it loads, but is not a checkpoint of this toolkit "
+              f"({type(ckpt).__name__}); training starts afresh", file=sys.stderr)
+        path.unlink(missing_ok=True)
         return None
     if ckpt.get("config") != _resume_key(cfg):
         print(f"ignoring {path}: it belongs to a run with other settings", file=sys.stderr)
@@ -130,6 +146,7 @@ def _train_and_record(cfg, info, spec, staged: StagedFolder) -> None:
         tqdm.write(f"epoch {epoch:3d}  lr {lr:.4g}  loss {stats['train_loss']:.4f}  train_acc {stats['train_acc']:.4f}  "
                    f"C-Acc {metrics['clean_acc']:.4f}  ASR {metrics['asr']:.4f}  RA {metrics['ra']:.4f}  "
                    f"({stats['img_per_s']:.0f} img/s)", file=sys.stdout)
+        staged.check_owner()  # never write into a stage another run has taken over
         write_csv(staged.stage / METRICS_FILE, rows)
         save_torch(staged.stage / CHECKPOINT_FILE, {
             "config": _resume_key(cfg), "epoch": epoch, "rows": rows, "seconds": time.perf_counter() - start,
