@@ -391,14 +391,22 @@ def test_ft_on_a_result_another_run_writes_refuses(tmp_path, tiny_cifar10, badne
     assert_unchanged(before, root)  # nor a stage for ft, nor a lock left
 
 
-def test_ft_with_a_name_too_long_is_one_line(tmp_path, tiny_cifar10, badnet_record):
+def test_ft_with_a_tag_too_long_is_one_line(tmp_path, tiny_cifar10, badnet_record):
     root = tmp_path / "records"
     copy_record(badnet_record, root)
     before = snapshot(root)
     proc = run_script(FT, ft_args(root, tiny_cifar10, "--tag", "x" * 300))
-    assert_user_error(proc, "too long")
+    assert_user_error(proc, "--tag may hold only up to 64")
     assert_unchanged(before, root)
     assert not (root / RECORD_REL / "defense").exists(), "an empty defense/ folder was left behind"
+
+
+def test_attack_with_a_record_root_name_too_long_is_one_line(tmp_path, tiny_cifar10):
+    """ENAMETOOLONG from the file system itself (a folder name of 300 characters)."""
+    root = tmp_path / ("y" * 300)
+    proc = run_script(ATTACK, attack_argv(tiny_cifar10, root))
+    assert_user_error(proc, "too long")
+    assert not any(tmp_path.iterdir()), "something was left behind"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

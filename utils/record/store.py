@@ -11,7 +11,6 @@ import pickle
 import re
 import secrets
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
