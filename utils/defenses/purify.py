@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -163,9 +164,29 @@ register_mode(Mode("pam", "PAM", False, "all", False, "BTI-DBF unlearning with p
 #: schedule, no head re-initialisation, no head-norm projection (not one of the FST modes). Not registered.
 FINETUNE = Mode("finetune", "fine-tuning", False, "all", False, "plain fine-tuning, the fine-tuning phase of a baseline")
 
+class _ModeView(Mapping):
+    """A live, read-only view of the registered modes that pass `keep`: modes registered later (the
+    baselines in their own modules, a user's extension) show up in it."""
+
+    def __init__(self, keep: Callable[[Mode], bool]):
+        self._keep = keep
+
+    def __getitem__(self, name: str) -> Mode:
+        mode = ALL_MODES[name]
+        if not self._keep(mode):
+            raise KeyError(name)
+        return mode
+
+    def __iter__(self):
+        return (name for name, mode in ALL_MODES.items() if self._keep(mode))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 #: views of the registry: the FST paper's five modes, and the others
-MODES: dict[str, Mode] = {n: m for n, m in ALL_MODES.items() if m.fst}
-EXTRA_MODES: dict[str, Mode] = {n: m for n, m in ALL_MODES.items() if not m.fst}
+MODES: Mapping[str, Mode] = _ModeView(lambda mode: mode.fst)
+EXTRA_MODES: Mapping[str, Mode] = _ModeView(lambda mode: not mode.fst)
 NORM_PROJ = ("all", "fst", "none")
 
 # Published settings per dataset (split_ratio, lr, epochs, alpha); fmnist follows CIFAR-10.
