@@ -305,6 +305,13 @@ def test_fmnist_fallback_is_announced_and_recorded(tmp_path, monkeypatch, capsys
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert notes == [f"note: dataset 'fmnist' not found under {empty}; reading the system copy in {system}"]
     assert yaml.safe_load((folder / CONFIG_FILE).read_text())["dataset_path"] == str(system)
+    # and so does a purification of that record, given the same empty folder
+    from utils.commands import finetune
+    finetune.main(["--dataset", "fmnist", "--dataset_path", str(empty), "--model", "smallcnn",
+                   "--record_root", str(tmp_path / "records"), "--attack", "badnet", "--device", "cpu",
+                   "--ft_mode", "lp", "--epochs", "1", "--split_ratio", "0.5", "--progress", "false"])
+    tuned = yaml.safe_load((folder / "defense" / "lp" / CONFIG_FILE).read_text())
+    assert tuned["dataset_path"] == str(system)
 
 
 def test_loader_reports_the_folder_it_read(tmp_path, monkeypatch, capsys):

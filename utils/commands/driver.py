@@ -206,7 +206,9 @@ PATH_ARGS = ("dataset_path", "record_root", "clean_record", "yaml_path")
 
 
 def run_arguments(args: argparse.Namespace, **override: Any) -> dict[str, Any]:
-    """The resolved flags as saved beside a result, with paths made portable."""
+    """The resolved flags as saved beside a result, with paths made portable. Callers pass
+    `dataset_path=exp.dataset_path`: the folder the data was actually read from (the loader may
+    have fallen back to the system copy of Fashion-MNIST), already in its portable form."""
     out = {k: portable_path(v) if k in PATH_ARGS and v else v for k, v in vars(args).items()}
     out.update(override)
     return out

@@ -222,7 +222,7 @@ def _purify_mode(name: str, args, rt, model, before: dict, shared: dict, record:
         **({"inversion": info["rounds"]} if "rounds" in info else {}),
         **info.get("result", {}),
         "seconds": round(time.perf_counter() - start, 2), "device": device_name(rt.device),
-    }, rows, run_arguments(margs), weights=purified.state_dict() if args.save else None,
+    }, rows, run_arguments(margs, dataset_path=exp.dataset_path), weights=purified.state_dict() if args.save else None,
         log=log.getvalue() if args.log else None)
     print(f"{name}: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
           f"DER {der(before, after):.4f}  -> {final}", flush=True)

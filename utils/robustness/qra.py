@@ -446,7 +446,7 @@ def _run(args, folder, record, source, purified_state, retune_path, clean_folder
                      "poison_source": args.poison_source, "n_poison_recorded": n_recorded, "n_poison_made": n_poison - n_recorded,
                      "amp": str(amp).replace("torch.", "") if amp else "none"},
         "before": before, "after": after, "seconds": round(seconds, 2), "device": device_name(device),
-    }, rows, run_arguments(args), weights=generator.state_dict(), weights_file=GENERATOR_FILE)
+    }, rows, run_arguments(args, dataset_path=exp.dataset_path), weights=generator.state_dict(), weights_file=GENERATOR_FILE)
     print()
     print(format_table(before, after))
     gap = after["purified"]["asr"] - after["clean"]["asr"]

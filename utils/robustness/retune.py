@@ -270,7 +270,7 @@ def _run(args, record, folder, plans, states, staged) -> dict[str, dict]:
             "augment": args.augment,
             "replaced_positions": data["positions"], "poison_train_indices": data["train_indices"],
             "poison_made": data["made"], "seconds": round(time.perf_counter() - start, 2), "device": device_name(device),
-        }, rows, run_arguments(args, defense_type=name), weights=model.state_dict() if args.save else None)
+        }, rows, run_arguments(args, defense_type=name, dataset_path=exp.dataset_path), weights=model.state_dict() if args.save else None)
         results[name] = {"before": before, "after": after}
         print(f"[{name}] after retuning: C-Acc {after['clean_acc']:.4f}  ASR {after['asr']:.4f}  RA {after['ra']:.4f}  "
               f"-> {final}", flush=True)
