@@ -41,7 +41,7 @@ if [ "$need_pip" = 1 ]; then
   echo "[install] installing requirements.txt with $PY"
   "$PY" -m pip install -q -r "$ROOT/requirements.txt"
 fi
-if [ "$WITH_TESTS" = 1 ] && ! "$PY" -c "import pytest, matplotlib, submitit" 2>/dev/null; then
+if [ "$WITH_TESTS" = 1 ] && ! "$PY" -c "import pytest, matplotlib, submitit, xdist" 2>/dev/null; then
   echo "[install] installing requirements-test.txt"
   "$PY" -m pip install -q -r "$ROOT/requirements-test.txt"
 fi
