@@ -301,3 +301,15 @@ def test_command_lines(small_root, tmp_path):
                               env=env, timeout=120)
         _assert_one_error(done.returncode, done.stderr, message)
     assert _snapshot(tmp_path) == before
+
+
+def test_a_config_yaml_with_aliases_is_unusable_not_expanded(tmp_path):
+    """The tables and figures read record config.yaml files through the bounded reader: a record
+    whose config.yaml is a billion-laughs bomb is reported as unusable, never expanded."""
+    from utils.analysis.results import _Unusable, _load
+
+    bomb = tmp_path / "config.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n")
+    with pytest.raises(_Unusable, match="alias"):
+        _load(bomb, "yaml")

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import engine
+from utils.config import read_yaml
 from utils.errors import UserError, run_cli
 from utils.defenses.purify import MODES
 from utils.analysis import results
@@ -162,11 +163,9 @@ def _check_png(out: str | Path, flag: str = "--out") -> Path:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     """The record's config.yaml (for titles); {} when absent or unreadable."""
-    import yaml
-
     try:
-        data = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(folder / CONFIG_FILE)
+    except (OSError, UserError):
         return {}
     return data if isinstance(data, dict) else {}
 

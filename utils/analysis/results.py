@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
 
+from utils.config import read_yaml
 from utils.errors import UserError, run_cli
 from utils.attacks.registry import ATTACKS
 from utils.defenses.purify import ALL_MODES, MODES
@@ -57,11 +57,15 @@ class _Unusable(Exception):
 
 def _load(path: Path, kind: str = "json") -> dict:
     try:
-        text = path.read_text()
-        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
+        if kind == "json":
+            data = json.loads(path.read_text())
+        else:  # bounded, no aliases: a hostile config.yaml cannot expand in memory
+            data = read_yaml(path)
+    except UserError as err:
+        raise _Unusable(str(err)) from None
     except OSError as err:
         raise _Unusable(f"unreadable ({err.strerror or err})") from None
-    except (ValueError, yaml.YAMLError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise _Unusable(f"not valid {kind.upper()}, truncated? ({first})") from None
     if not isinstance(data, dict):

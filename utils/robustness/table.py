@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import yaml
 
 from utils.defenses.purify import ALL_MODES
+from utils.config import read_yaml
 from utils.errors import UserError, run_cli
 from utils.record.layout import CONFIG_FILE, RESULT_FILE, defense_folder, existing_records, qra_folder, record_path, retune_folder
 from utils.record.recipe import differing_settings, recipe_label, recipe_part, recipe_text
@@ -107,8 +107,8 @@ def _poison_label(root: Path, dataset: str, model: str, attack: str, pratio: flo
 def _victim_recipe(folder: Path) -> str | None:
     """The recipe text of a record's victim (its config.yaml), None without a readable one."""
     try:
-        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        config = read_yaml(folder / CONFIG_FILE)
+    except (OSError, UserError):
         return None
     return recipe_text(recipe_part(config, "attack")) if isinstance(config, dict) else None
 
