@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import engine
-from utils.config import read_yaml
+from utils.config import ArgumentParser, read_yaml
 from utils.errors import UserError, run_cli
 from utils.defenses.purify import MODES
 from utils.analysis import results
@@ -562,7 +562,7 @@ def plot_tsne(record_folder: str | Path, out: str | Path | None = None, modes: S
 
 def build_parser() -> argparse.ArgumentParser:
 
-    p = argparse.ArgumentParser(prog="python -m utils.plots", description="PNG figures of sweep results, "
+    p = ArgumentParser(prog="python -m utils.plots", description="PNG figures of sweep results, "
                                 "training curves and feature t-SNE (needs matplotlib)")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pratio", help="ASR and C-Acc against pratio, one PNG per dataset/model/attack")

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.config import read_yaml
+from utils.config import ArgumentParser, read_yaml
 from utils.errors import UserError, run_cli
 from utils.attacks.registry import ATTACKS
 from utils.defenses.purify import ALL_MODES, MODES
@@ -451,7 +451,7 @@ def markdown(rows: Sequence[dict], attacks: Sequence[str] | None = None) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Collect every result under a record root into a CSV and markdown tables "
+    p = ArgumentParser(prog="python -m utils.results", description="Collect every result under a record root into a CSV and markdown tables "
                                 "(printed; written only where asked).")
     a = p.add_argument
     a("root", help="record root, searched recursively (e.g. record/repro_fmnist)")

@@ -22,7 +22,7 @@ from typing import Sequence
 
 
 from utils.defenses.purify import ALL_MODES
-from utils.config import read_yaml
+from utils.config import ArgumentParser, read_yaml
 from utils.errors import UserError, run_cli
 from utils.record.layout import CONFIG_FILE, RESULT_FILE, defense_folder, existing_records, qra_folder, record_path, retune_folder
 from utils.record.recipe import differing_settings, recipe_label, recipe_part, recipe_text
@@ -190,7 +190,7 @@ def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], prati
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Print the table (stdout only: redirect it to keep it, e.g. > <record_root>/robustness.md)."""
-    p = argparse.ArgumentParser(description="Print the post-purification robustness table of a record root.")
+    p = ArgumentParser(prog="python -m utils.robustness_table", description="Print the post-purification robustness table of a record root.")
     p.add_argument("record_root")
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--model", default="smallcnn")

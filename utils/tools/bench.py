@@ -26,6 +26,7 @@ from models import build_model
 from utils import engine
 from utils.compat import import_torchvision
 from utils.data.datasets import dataset_info, load_dataset
+from utils.config import ArgumentParser
 from utils.errors import run_cli
 from utils.attacks.poison import choose_poison_indices, poison_train_set
 from utils.attacks.registry import get_attack, make_trigger
@@ -49,7 +50,7 @@ class PILDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m utils.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--dataset_path", default="data")
     p.add_argument("--model", default="smallcnn")

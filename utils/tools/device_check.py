@@ -37,7 +37,7 @@ import numpy as np
 import models
 from utils import engine
 from utils.attacks.registry import ATTACKS
-from utils.config import REPO_ROOT
+from utils.config import ArgumentParser, REPO_ROOT
 from utils.defenses.purify import ALL_MODES
 from utils.engine.runtime import device_name, versions
 from utils.errors import UserError
@@ -243,7 +243,7 @@ def _names(given: list[str] | None, known: dict, what: str, flag: str) -> list[s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.device_check", description=__doc__,
+    p = ArgumentParser(prog="python -m utils.device_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--size", default="auto", choices=("auto", *SIZES),
