@@ -21,7 +21,7 @@ from conftest import REPO_ROOT, copy_record
 from utils import engine
 from utils.commands import finetune
 from utils.defenses import nad, nc
-from utils.defenses.purify import ALL_MODES, PurifySettings, purify
+from utils.defenses.purify import ALL_MODES, PurifySettings, Tuning, purify
 
 BIG_MODELS = {"vgg19_bn", "swin_t"}
 
@@ -108,7 +108,6 @@ def _nad_setup(name: str):
     teacher.eval()
     images = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
     labels = torch.arange(8) % 10
-    from utils.defenses.purify import Tuning
     tuning = Tuning(images, labels, _pipeline(size), _settings("nad"), _fake_eval)
     return model, teacher, tuning
 
