@@ -6,10 +6,16 @@ feature vector; `features(x) = pool(feature_maps(x))`) and a linear classifier h
 attribute path `head_name`. BTI-DBF works on the last-stage feature maps, as its official code does. Purification
 modes, Bypass and feature plots use `get_head`/`model.features` instead of finding layers
 by evaluating strings, so every mode works on every model.
+
+`stages(model, x)` gives the outputs of the model's main stages (NAD's attention maps), shallow to
+deep, each as (N, C, h, w), the last one the feature maps. A model names its stage modules in
+`stage_modules()`; `StageTap` captures their outputs with forward hooks during the model's own
+forward pass, so no second pass and no layer names are needed.
 """
 from __future__ import annotations
 
 from typing import Callable
+
 
 import torch
 from torch import nn
@@ -26,6 +32,14 @@ class BackdoorNet(nn.Module):
     head_name: str = "linear"
     #: smallest input side the architecture accepts without padding
     min_input_size: int = 1
+    #: the stage modules emit (N, h, w, C) token grids (Swin); `stages` turns them into (N, C, h, w)
+    stage_channels_last: bool = False
+
+    def stage_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are the model's main stages, shallow to deep, in the order the
+        forward pass runs them; the last one's output is the feature maps. The default declares none:
+        `stages` then reports the feature maps alone."""
+        return []
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """The last stage's output, (N, C, h, w)."""
@@ -81,3 +95,55 @@ def get_head(model: nn.Module, name: str | None = None) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise UserError(f"--linear_name {path!r} is a {type(head).__name__}, not a Linear layer")
     return head
+
+
+def stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's declared stage modules (empty for a model that declares none)."""
+    declared = getattr(model, "stage_modules", None)
+    return list(declared()) if callable(declared) else []
+
+
+class StageTap:
+    """Forward hooks on a model's stage modules that keep the stage outputs of its latest forward
+    pass (`latest()`), each as (N, C, h, w). The hooks travel with `copy.deepcopy` of the model (the
+    copy's stages report into the same tap), so a tap set before a routine that trains a copy sees
+    the copy's passes; `remove(*models)` takes the hooks off the model and any such copy."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = stage_modules(model)
+        self._outputs: list[torch.Tensor] = []
+        self._ids: list[int] = []
+        channels_last = bool(getattr(model, "stage_channels_last", False))
+        for position, module in enumerate(self.modules):
+            def hook(_module, _inputs, output, position=position):
+                if position == 0:  # a new forward pass starts: keep only its outputs
+                    self._outputs.clear()
+                self._outputs.append(output.permute(0, 3, 1, 2) if channels_last else output)
+            self._ids.append(module.register_forward_hook(hook).id)
+        self._model = model
+
+    def latest(self) -> list[torch.Tensor]:
+        """The stage outputs of the latest forward pass (and forget them)."""
+        out, self._outputs = self._outputs[-len(self.modules):] if self.modules else [], []
+        return out
+
+    def remove(self, *models: nn.Module) -> None:
+        for model in (self._model, *models):
+            for module in stage_modules(model):
+                for hook_id in self._ids:
+                    module._forward_hooks.pop(hook_id, None)
+        self._outputs = []
+
+
+def stages(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the model's main stages on `x`, shallow to deep, each (N, C, h, w); the last
+    has the shape of `model.feature_maps(x)`. A model that declares no stage modules has one
+    stage, its feature maps."""
+    tap = StageTap(model)
+    if not tap.modules:
+        return [model.feature_maps(x)]
+    try:
+        model(x)
+        return tap.latest()
+    finally:
+        tap.remove()

@@ -71,6 +71,9 @@ class ResNet(BackdoorNet):
     def pool(self, maps):
         return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
 
+    def stage_modules(self):
+        return [self.layer2, self.layer3, self.layer4]  # NAD's three deepest groups
+
 
 class PreActResNet(BackdoorNet):
     """Pre-activation variant as BackdoorBench builds it: plain conv stem, and the last stage's
@@ -90,6 +93,9 @@ class PreActResNet(BackdoorNet):
 
     def pool(self, maps):
         return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
+
+    def stage_modules(self):
+        return [self.layer2, self.layer3, self.layer4]  # NAD's three deepest groups
 
 
 @register_model("resnet18")

@@ -24,11 +24,14 @@ class SmallCNN(BackdoorNet):
         super().__init__()
         layers: list[nn.Module] = _conv_bn(in_channels, 32)
         cin = 32
+        block_ends = []  # trunk positions of each block's last activation: the stages
         for w in widths:
             layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.MaxPool2d(2),
                        nn.BatchNorm2d(w), nn.GELU(), *_conv_bn(w, w)]
+            block_ends.append(len(layers) - 1)
             cin = w
         self.trunk = nn.Sequential(*layers)
+        self._block_ends = tuple(block_ends)
         self.linear = nn.Linear(cin, num_classes)
 
     def feature_maps(self, x):
@@ -36,6 +39,9 @@ class SmallCNN(BackdoorNet):
 
     def pool(self, maps):
         return torch.amax(maps, dim=(2, 3))
+
+    def stage_modules(self):
+        return [self.trunk[i] for i in self._block_ends]
 
 
 @register_model("smallcnn")

@@ -15,6 +15,7 @@ from utils.errors import UserError
 
 class SwinT(BackdoorNet):
     head_name = "head"
+    stage_channels_last = True  # stages are (N, H, W, C) token grids
 
     def __init__(self, num_classes: int, in_channels: int):
         super().__init__()
@@ -32,6 +33,11 @@ class SwinT(BackdoorNet):
 
     def pool(self, maps):
         return torch.flatten(maps.mean(dim=(2, 3)), 1)
+
+    def stage_modules(self):
+        # torchvision's features: embedding, then stage / merge pairs; stages 2 and 3, then the
+        # final norm over stage 4 (what feature_maps returns)
+        return [self.trunk[3], self.trunk[5], self.norm]
 
     def load_imagenet_trunk(self) -> None:
         """Copy the ImageNet-1k weights into everything but the head (needs them cached or online)."""

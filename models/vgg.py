@@ -47,6 +47,10 @@ class VGG(BackdoorNet):
     def pool(self, maps):
         return self.classifier[:6](torch.flatten(self.avgpool(maps), 1))
 
+    def stage_modules(self):
+        # the ends (max-pools) of the last three conv blocks; the last is the feature maps
+        return [m for m in self.convs if isinstance(m, nn.MaxPool2d)][-3:]
+
 
 @register_model("vgg19_bn")
 def vgg19_bn(num_classes: int, in_channels: int = 3, image_size: int = 32) -> VGG:

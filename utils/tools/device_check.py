@@ -79,6 +79,8 @@ TINY_ATTACK_FLAGS = {"inputaware": ["--net_width", "4"]}
 MODE_FLAGS = {name: ["--rounds", "1", "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1", "--bti_gen_epochs", "1"]
               for name, mode in ALL_MODES.items() if mode.unlearn}
 TINY_MODE_FLAGS = {name: ["--bti_unet_width", "4"] for name in MODE_FLAGS}
+#: NAD's teacher and NC's trigger reversal (per class) at one epoch each
+MODE_FLAGS.update({"nad": ["--nad_teacher_epochs", "1"], "nc": ["--nc_epochs", "1"]})
 
 
 @dataclass
