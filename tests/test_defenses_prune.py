@@ -109,7 +109,6 @@ def test_clp_reads_no_data(images):
     pruned_model, rows = mode.algorithm(model, mode, tuning)
     assert rows[-1]["clean_acc"] == 0.5 and len(rows) == 1
     assert 5 in tuning.result["clp"]["pruned"]["trunk.1"]
-    reference = models.build_model("smallcnn", 10)
     torch.manual_seed(1)
     reference = models.build_model("smallcnn", 10)
     with torch.no_grad():
