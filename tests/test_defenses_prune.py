@@ -147,6 +147,30 @@ def test_fp_ranks_dormant_channels_first_and_prunes_them_first():
     assert torch.all(net.linear.weight[:, pruned] == 0)
 
 
+def test_fp_holds_pruned_channels_at_zero_while_fine_tuning():
+    """The weights the loop evaluates after its epoch (before the mode's final clean-up) have the pruned
+    columns at zero, though live channels were pruned and their columns get gradients."""
+    net = TinyNet()
+    images = torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(48) % 4
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.linear.weight.detach().clone())
+        return {"clean_acc": 0.5, "asr": 0.25, "ra": 0.5}
+
+    tuning = _tuning(images, labels, fp_acc_ratio=1.0, fp_once_prune_ratio=1 / 16, fp_acc_data="tuning")
+    tuning.evaluate = evaluate
+    mode = ALL_MODES["fp"]
+    tuned, rows = mode.algorithm(net, mode, tuning)
+    pruned = tuning.result["fp"]["pruned"]
+    live = [c for c in pruned if c not in TinyNet.dormant]
+    assert live, "the search pruned no live channel; the test needs one"
+    assert len(seen) == len(rows) == 1 and torch.all(seen[0][:, pruned] == 0)
+    kept = [c for c in range(16) if c not in pruned]
+    assert not torch.equal(seen[0][:, kept], net.linear.weight.detach()[:, kept])  # the rest trained
+
+
 def test_fp_select_pruning_respects_the_margin():
     accuracies = {0: 0.80, 2: 0.80, 4: 0.75, 6: 0.73, 8: 0.70, 10: 0.2}
     order = torch.arange(12)
