@@ -232,3 +232,26 @@ def test_mistakes_are_one_error_line_and_change_nothing(purified, badnet_record,
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert wanted in lines[0], (args, lines[0])
     assert {p: _snapshot(p) for p in (bare, broken)} == before
+
+
+def test_the_other_analysis_commands_refuse_mistakes_in_one_line(badnet_record, tmp_path):
+    """`python -m utils.plots opasr` and `python -m utils.results --layout 2024` through the command line."""
+    root = tmp_path / "root"
+    copy_record(badnet_record, root)  # a record without any retuning result
+    cases = [
+        (["-m", "utils.plots", "opasr", root], "no retuning results (retune/result.json"),
+        (["-m", "utils.plots", "opasr", root, "--retune_tag", "p20"], "no retuning results (retune_p20/result.json"),
+        (["-m", "utils.plots", "opasr", tmp_path / "missing"], "does not exist"),
+        (["-m", "utils.plots", "opasr", root, "--out", badnet_record / "attack_result.pt"], "is a file"),
+        (["-m", "utils.results", root, "--retune_tag", "p20"], "--retune_tag chooses the P- rows of --layout 2024"),
+    ]
+    before = _snapshot(root)
+    run = lambda args: subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,  # noqa: E731
+                                      timeout=300)
+    with ThreadPoolExecutor(3) as pool:
+        done = list(pool.map(lambda case: run(case[0]), cases))
+    for (args, wanted), proc in zip(cases, done):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and wanted in lines[0], (args, proc.stderr)
+    assert _snapshot(root) == before and not (root / "figures").exists()
