@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from utils import engine
-from utils.analysis.plots import _check_png, _figure_class, _record_title, _save, default_figure, display_name
+from utils.analysis.plots import _check_png, _figure_class, _mode_key, _record_title, _save, default_figure, display_name
 from utils.commands.driver import build_loaded_model, load_source_state, record_label, start_runtime
 from utils.config import ArgumentParser, parse_bool, parse_progress
 from utils.defenses.purify import tuning_indices
@@ -202,7 +202,7 @@ def _modes(folder: Path, given: Sequence[str] | None) -> list[str]:
         if not have:
             raise UserError(f"{folder} has no purified model (no {DEFENSE_DIR}/<mode>/{MODEL_FILE}); purify it with "
                             "fine_tune/ft.py --save true first")
-        return have
+        return sorted(have, key=_mode_key)  # the registry's order, as the other figures
     modes = list(dict.fromkeys(given))
     for mode in modes:
         if mode == NONE:
