@@ -244,6 +244,8 @@ def test_the_other_analysis_commands_refuse_mistakes_in_one_line(badnet_record, 
         (["-m", "utils.plots", "opasr", tmp_path / "missing"], "does not exist"),
         (["-m", "utils.plots", "opasr", root, "--out", badnet_record / "attack_result.pt"], "is a file"),
         (["-m", "utils.results", root, "--retune_tag", "p20"], "--retune_tag chooses the P- rows of --layout 2024"),
+        (["-m", "utils.results", root, "--layout", "2025"], "argument --layout: invalid choice"),
+        (["-m", "utils.plots", "opasr", root, "--pratio", "x"], "argument --pratio: invalid float value"),
     ]
     before = _snapshot(root)
     run = lambda args: subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,  # noqa: E731

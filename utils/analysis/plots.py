@@ -43,7 +43,7 @@ from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FI
 from utils.commands.driver import build_loaded_model, load_source_state
 from utils.analysis.tsne import knn_separation, knn_vote, tsne
 from utils.record.store import load_record, write_bytes, write_json
-from utils.config import parse_progress
+from utils.config import ArgumentParser, parse_progress
 from utils.victim.experiment import rebuild_experiment
 
 DPI = 120
@@ -697,7 +697,7 @@ def plot_opasr(rows: Iterable[dict[str, Any]], out_dir: str | Path, retune_tag: 
 
 def build_parser() -> argparse.ArgumentParser:
 
-    p = argparse.ArgumentParser(prog="python -m utils.plots", description="PNG figures of sweep results, "
+    p = ArgumentParser(prog="python -m utils.plots", description="PNG figures of sweep results, "
                                 "training curves and feature t-SNE (needs matplotlib)")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pratio", help="ASR and C-Acc against pratio, one PNG per dataset/model/attack")

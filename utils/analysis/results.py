@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
+from utils.config import ArgumentParser
 from utils.errors import UserError, run_cli
 from utils.attacks.registry import ATTACKS
 from utils.defenses.purify import ALL_MODES, MODES
@@ -547,7 +548,7 @@ def markdown(rows: Sequence[dict], attacks: Sequence[str] | None = None, layout:
 # --- command line -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Collect every result under a record root into a CSV and markdown tables "
+    p = ArgumentParser(prog="python -m utils.results", description="Collect every result under a record root into a CSV and markdown tables "
                                 "(printed; written only where asked).")
     a = p.add_argument
     a("root", help="record root, searched recursively (e.g. record/repro_fmnist)")
