@@ -213,6 +213,8 @@ def test_mistakes_are_one_error_line_and_change_nothing(purified, badnet_record,
         ([broken, "--modes", "ft", "--bn_batch_size", "0", *data], "--bn_batch_size 0"),
         ([broken, "--modes", "ft", "--out", tmp_path / "x.jpg", *data], "must name a .png"),
         ([broken, "--modes", "ft", "--out", broken / "defense", *data], "must name a .png"),
+        ([broken, "--modes", "ft", "--out", broken / "attack_result.pt" / "x.png", *data], "is a file, not a folder"),
+        ([broken / "defense" / "ft", *data], "is not a record folder"),
         ([tmp_path / "nowhere", *data], "is not a record folder"),
     ]
     for args, wanted in cases:

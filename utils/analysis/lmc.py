@@ -242,6 +242,11 @@ def run_lmc(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     if not (folder / RECORD_FILE).is_file():
         raise UserError(f"{folder} is not a record folder (no {RECORD_FILE})")
     out = _check_png(args.out if args.out is not None else default_figure(folder, FIGURE_NAME))
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # checked before the work, not found when writing after it
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
     ts = t_grid(args.points)
     if args.bn_batch_size < 1:
         raise UserError(f"--bn_batch_size {args.bn_batch_size} must be positive")
