@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,11 @@ from torch import nn
 import models
 from conftest import REPO_ROOT, copy_record, flip_middle_byte
 from utils import engine
-from utils.analysis import lmc
+from utils.analysis import lmc, plots, results
 from utils.commands import finetune
 from utils.data.datasets import dataset_info
 from utils.defenses.purify import tuning_indices
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.record.store import load_record, save_torch
 from utils.victim.experiment import rebuild_experiment
 
@@ -186,7 +185,7 @@ def _run(args) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_mistakes_are_one_error_line_and_change_nothing(purified, badnet_record, tiny_cifar10, tmp_path):
+def test_mistakes_are_one_error_line_and_change_nothing(purified, badnet_record, tiny_cifar10, tmp_path, capsys):
     bare = copy_record(badnet_record, tmp_path / "bare")  # no purification at all
     broken = copy_record(purified, tmp_path / "broken")
     shutil.rmtree(broken / "figures", ignore_errors=True)
@@ -220,42 +219,49 @@ def test_mistakes_are_one_error_line_and_change_nothing(purified, badnet_record,
     for args, wanted in cases:
         with pytest.raises(UserError, match=wanted.replace(".", r"\.")):
             lmc.main(list(map(str, args)))
-    # through the command line: one `error:` line, exit 2, no traceback
-    cases = [
-        ([bare, *data], "has no purified model"),
-        ([broken, "--modes", "ft", "--points", "many", *data], "--points"),
-        ([broken, "--modes", "ft", "--dataset_path", tmp_path / "nodata", "--device", "cpu"], ""),
-    ]
-    with ThreadPoolExecutor(3) as pool:
-        done = list(pool.map(lambda case: _run(case[0]), cases))
-    for (args, wanted), proc in zip(cases, done):
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, (args, proc.stderr)
-        assert wanted in lines[0], (args, lines[0])
+    # as `python -m utils.lmc` runs: one `error:` line, exit 2, no traceback (the first in a real subprocess)
+    proc = _run([bare, *data])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("error: ") and "has no purified model" in proc.stderr
+    for args, wanted in [([broken, "--modes", "ft", "--points", "many", *data], "argument --points: invalid int"),
+                         ([broken, "--modes", "ft", "--dataset_path", tmp_path / "nodata", "--device", "cpu"], "not found")]:
+        code, err = _as_cli(lmc.main, args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and wanted in lines[0], err
     assert {p: _snapshot(p) for p in (bare, broken)} == before
 
 
-def test_the_other_analysis_commands_refuse_mistakes_in_one_line(badnet_record, tmp_path):
-    """`python -m utils.plots opasr` and `python -m utils.results --layout 2024` through the command line."""
+def _as_cli(main, argv, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of an entry point run in this process as `python -m` runs it (run_cli)."""
+    capsys.readouterr()
+    try:
+        run_cli(lambda: main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_the_other_analysis_commands_refuse_mistakes_in_one_line(badnet_record, tmp_path, capsys):
+    """`python -m utils.plots opasr` and `python -m utils.results --layout 2024` (the first in a real subprocess)."""
     root = tmp_path / "root"
     copy_record(badnet_record, root)  # a record without any retuning result
-    cases = [
-        (["-m", "utils.plots", "opasr", root], "no retuning results (retune/result.json"),
-        (["-m", "utils.plots", "opasr", root, "--retune_tag", "p20"], "no retuning results (retune_p20/result.json"),
-        (["-m", "utils.plots", "opasr", tmp_path / "missing"], "does not exist"),
-        (["-m", "utils.plots", "opasr", root, "--out", badnet_record / "attack_result.pt"], "is a file"),
-        (["-m", "utils.results", root, "--retune_tag", "p20"], "--retune_tag chooses the P- rows of --layout 2024"),
-        (["-m", "utils.results", root, "--layout", "2025"], "argument --layout: invalid choice"),
-        (["-m", "utils.plots", "opasr", root, "--pratio", "x"], "argument --pratio: invalid float value"),
-    ]
     before = _snapshot(root)
-    run = lambda args: subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,  # noqa: E731
-                                      timeout=300)
-    with ThreadPoolExecutor(3) as pool:
-        done = list(pool.map(lambda case: run(case[0]), cases))
-    for (args, wanted), proc in zip(cases, done):
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
-        assert len(lines) == 1 and lines[0].startswith("error: ") and wanted in lines[0], (args, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "utils.plots", "opasr", str(root)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("error: no retuning results (retune/result.json")
+    cases = [
+        (plots.main, ["opasr", root, "--retune_tag", "p20"], "no retuning results (retune_p20/result.json"),
+        (plots.main, ["opasr", tmp_path / "missing"], "does not exist"),
+        (plots.main, ["opasr", root, "--out", badnet_record / "attack_result.pt"], "is a file"),
+        (plots.main, ["opasr", root, "--pratio", "x"], "argument --pratio: invalid float value"),
+        (plots.main, ["nope"], "argument command: invalid choice"),
+        (results.main, [root, "--retune_tag", "p20"], "--retune_tag chooses the P- rows of --layout 2024"),
+        (results.main, [root, "--layout", "2025"], "argument --layout: invalid choice"),
+    ]
+    for main, args, wanted in cases:
+        code, err = _as_cli(main, args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and wanted in lines[0], (args, err)
     assert _snapshot(root) == before and not (root / "figures").exists()
