@@ -23,7 +23,7 @@ LAYERS = [
     ["utils.commands"],
     ["utils.robustness"],
     ["utils.analysis", "utils.tools"],
-    ["utils.results", "utils.plots", "utils.sweep", "utils.bench", "utils.robustness_table", "utils.device_check"],  # `python -m` entry points
+    ["utils.results", "utils.plots", "utils.lmc", "utils.sweep", "utils.bench", "utils.robustness_table", "utils.device_check"],  # `python -m` entry points
 ]
 
 

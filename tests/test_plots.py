@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import copy_record
-from utils.analysis import plots
+from tests.test_results import add_purify, add_retune, make_record
+from utils.analysis import plots, results
 from utils.errors import UserError
 from utils.record.store import clean_state_dict, load_record, save_torch
 from utils.analysis.tsne import knn_separation, knn_vote, tsne
@@ -203,3 +204,54 @@ def test_missing_matplotlib_is_a_user_error(monkeypatch, tmp_path):
         plots.plot_curves(tmp_path, tmp_path / "x.png")
     with pytest.raises(UserError, match="pip install matplotlib"):
         plots.plot_vs_pratio([], tmp_path)
+
+
+# --- O-ASR against P-ASR ---------------------------------------------------------------------------
+
+def test_opasr_figure_from_a_record_root(tmp_path, capsys):
+    root = tmp_path / "root"
+    for seed in (0, 1):
+        clean = make_record(root, "badnet", 0.0, seed, (0.92, 0.01, 0.9))
+        add_retune(clean, "none", (0.91, 0.03, 0.88), before=(0.92, 0.01, 0.9), seed=seed)
+        for attack in ("badnet", "blended"):
+            rec = make_record(root, attack, 0.1, seed)
+            add_retune(rec, "none", (0.88, 0.97, 0.02), before=(0.90, 0.99, 0.01), seed=seed)
+            add_purify(rec, "fst", (0.85, 0.02, 0.7), tune_seed=seed)
+            add_retune(rec, "fst", (0.84, 0.60 + 0.1 * seed, 0.3), before=(0.85, 0.02, 0.7), seed=seed)
+            add_retune(rec, "fst", (0.80, 0.95, 0.03), before=(0.85, 0.02, 0.7), seed=seed, tag="p20")
+            add_purify(rec, "pam", (0.86, 0.01, 0.8), tune_seed=seed, pam_rho=0.5)
+            add_retune(rec, "pam", (0.85, 0.05, 0.8), before=(0.86, 0.01, 0.8), seed=seed)
+    written = plots.main(["opasr", str(root)])
+    png, js = root / "figures" / "opasr_fmnist_smallcnn.png", root / "figures" / "opasr_fmnist_smallcnn.json"
+    assert written == [png, js] and capsys.readouterr().out.splitlines() == [f"wrote {png}", f"wrote {js}"]
+    _check_png(png)
+    points = json.loads(js.read_text())["points"]
+    assert [p["label"] for p in points] == ["clean model · BadNet", "no defense · BadNet", "no defense · Blended",
+                                           "FST · BadNet", "FST · Blended", "PAM · BadNet", "PAM · Blended"]
+    fst = points[3]
+    assert fst["o_asr"] == pytest.approx(2.0) and fst["p_asr"] == pytest.approx(65.0) and fst["n"] == 2
+    assert fst["p_asr_std"] == pytest.approx(7.0710678) and len(fst["results"]) == 2
+    assert points[0]["o_asr"] == pytest.approx(1.0) and points[0]["role"] == "clean"
+    # the RA tag p20, only FST: the references stay
+    written = plots.main(["opasr", str(root), "--retune_tag", "p20", "--out", str(tmp_path / "f")])
+    assert [p.name for p in written] == ["opasr_fmnist_smallcnn_p20.png", "opasr_fmnist_smallcnn_p20.json"]
+    points = json.loads(written[1].read_text())["points"]
+    assert [p["label"] for p in points] == ["FST · BadNet", "FST · Blended"] and points[0]["p_asr"] == pytest.approx(95.0)
+    assert [p["role"] for p in plots.opasr_summary(results_rows(root), modes=["pam"])[("fmnist", "smallcnn")]] == \
+        ["clean", "backdoored", "backdoored", "defense", "defense"]
+    with pytest.raises(UserError, match=r"no retuning results \(retune_x/result.json"):
+        plots.main(["opasr", str(root), "--retune_tag", "x"])
+    with pytest.raises(UserError, match="is a file"):
+        plots.main(["opasr", str(root), "--out", str(png)])
+
+    # a second victim recipe of the same cell: its own point, named by what differs, never averaged
+    other = make_record(root / "quick", "badnet", 0.1, 7, epochs=9)
+    add_purify(other, "fst", (0.85, 0.02, 0.7), tune_seed=0)
+    add_retune(other, "fst", (0.84, 0.20, 0.3), before=(0.85, 0.10, 0.7), seed=0)
+    fst = [p for p in plots.opasr_summary(results_rows(root))[("fmnist", "smallcnn")] if p["label"].startswith("FST · BadNet")]
+    assert [(p["label"], p["n"], p["p_asr"]) for p in fst] == [("FST · BadNet (epochs=3)", 2, pytest.approx(65.0)),
+                                                               ("FST · BadNet (epochs=9)", 1, pytest.approx(20.0))]
+
+
+def results_rows(root: Path) -> list[dict]:
+    return results.collect(root)[0]

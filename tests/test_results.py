@@ -326,3 +326,53 @@ def test_a_row_mixing_hardware_says_so(tmp_path):
     assert ("Replicates computed on different hardware or torch versions (not part of the recipe): No defense / BadNet "
             "(NVIDIA H200, torch 2.13.0; cpu, torch 2.13.0+cpu).") in md
     assert "FST / BadNet" not in md  # its results say nothing about where they ran
+
+
+def test_layout_2024(tmp_path, capsys):
+    """O-Backdoor, P-Backdoor, then O-/P-Robustness per defense; columns C-Acc and ASR per attack; an RA
+    tag of its own; a second purification recipe splits the defense's rows (O- and P- paired), never averaged."""
+    root = tmp_path / "r24"
+    for seed in (0, 1):
+        for attack in ("badnet", "blended"):
+            rec = make_record(root, attack, 0.1, seed, (0.90, 0.99 - 0.01 * seed, 0.01))
+            add_retune(rec, "none", (0.88, 0.97, 0.02), before=(0.90, 0.99, 0.01), seed=seed)
+            add_purify(rec, "fst", (0.85, 0.02 + 0.02 * seed, 0.7), tune_seed=seed)
+            add_retune(rec, "fst", (0.84, 0.60 + 0.1 * seed, 0.3), before=(0.85, 0.02, 0.7), seed=seed)
+            add_retune(rec, "fst", (0.80, 0.95, 0.03), seed=seed, tag="p20")
+            add_purify(rec, "ft", (0.87, 0.50, 0.4), tune_seed=seed)
+            add_purify(rec, "pam", (0.86, 0.01, 0.8), tune_seed=seed, pam_rho=0.5)  # no RA: an O- row only
+            add_purify(rec, "pam", (0.80, 0.30, 0.5), tune_seed=seed, tag="x", pam_rho=0.5)  # another tag: not shown by default
+    rows, warnings = results.collect(root)
+    assert warnings == []
+    text = results.main([str(root), "--layout", "2024"])
+    assert capsys.readouterr().out == text
+    lines = _table_lines(text, "### fmnist / smallcnn / pratio 0.1 / NeurIPS 2024 layout (2 seeds)")
+    assert _cells(lines[0]) == ["Defense", "Row", "BadNet C-Acc", "BadNet ASR", "Blended C-Acc", "Blended ASR"]
+    body = [_cells(line) for line in lines[2:]]
+    assert [b[:2] for b in body] == [["No defense", "O-Backdoor"], ["No defense", "P-Backdoor"], ["FT", "O-Robustness"],
+                                     ["FST", "O-Robustness"], ["FST", "P-Robustness"], ["PAM", "O-Robustness"]]
+    assert body[0][3] == "98.50 ± 0.71" and body[1][3] == "97.00 ± 0.00"
+    assert body[3][3] == "3.00 ± 1.41" and body[4][3] == "65.00 ± 7.07" and body[4][2] == "84.00 ± 0.00"
+    assert "p20" not in text and "[x]" not in text and "Recipes differ" not in text
+    # the RA tag p20 instead; the defense tag x instead; --modes keeps the unpurified rows
+    p20 = results.main([str(root), "--layout", "2024", "--retune_tag", "p20", "--modes", "fst"])
+    body = [_cells(line) for line in _table_lines(p20, "2024 layout (2 seeds)")[2:]]
+    assert [b[:2] for b in body] == [["No defense", "O-Backdoor"], ["FST", "O-Robustness"], ["FST", "P-Robustness"]]
+    assert body[2][3] == "95.00 ± 0.00" and "RA, tag p20" in p20
+    tagged = results.main([str(root), "--layout", "2024", "--tag", "x"])
+    assert [_cells(line)[:2] for line in _table_lines(tagged, "2024 layout (2 seeds)")[2:]][-1] == ["PAM [x]", "O-Robustness"]
+    capsys.readouterr()
+    # a second FST recipe on one record: its O- and P- rows apart from the others', each pair together
+    rec = make_record(root / "long", "badnet", 0.1, 5)
+    add_purify(rec, "fst", (0.70, 0.00, 0.9), tune_seed=0, epochs=40)
+    add_retune(rec, "fst", (0.69, 0.10, 0.8), seed=0)
+    mixed = results.tables_2024(results.select_2024(results.collect(root)[0]))
+    body = [_cells(line) for line in _table_lines(mixed, "2024 layout (")[2:]]
+    fst = [b[:3] for b in body if b[0].startswith("FST")]
+    assert fst == [["FST (ft.epochs=10)", "O-Robustness", "85.00 ± 0.00 (n=2)"],
+                   ["FST (ft.epochs=10)", "P-Robustness", "84.00 ± 0.00 (n=2)"],
+                   ["FST (ft.epochs=40)", "O-Robustness", "70.00 ± 0.00 (n=1)"],
+                   ["FST (ft.epochs=40)", "P-Robustness", "69.00 ± 0.00 (n=1)"]]
+    assert "Recipes differ here" in mixed and "ft.epochs (10, 40)" in mixed
+    with pytest.raises(UserError, match="--retune_tag"):
+        results.main([str(root), "--retune_tag", "p20"])

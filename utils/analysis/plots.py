@@ -1,15 +1,17 @@
 """PNG figures of results: metrics against the poisoning ratio (from a record root or the long results
-CSV), training curves of a record and its purifications (from their metrics.csv files), and the FST
-paper's feature-shift picture (t-SNE of penultimate features before and after purification).
+CSV), training curves of a record and its purifications (from their metrics.csv files), the FST
+paper's feature-shift picture (t-SNE of penultimate features before and after purification), and the
+NeurIPS 2024 paper's O-ASR / P-ASR picture (ASR after purification against ASR after the retuning attack).
 
     python -m utils.plots pratio RECORD_ROOT [--out DIR] [--dataset ..] [--model ..] [--attacks ..] [--modes ..]
     python -m utils.plots pratio --csv results.csv [--out DIR] [...]
     python -m utils.plots curves RECORD_FOLDER [--out FILE.png] [--modes ..] [--tag ..]
+    python -m utils.plots opasr RECORD_ROOT [--out DIR] [--retune_tag TAG] [--dataset ..] [--model ..] [--attacks ..]
     python -m utils.plots tsne RECORD_FOLDER [--out FILE.png] [--modes ft fst] [--n 500] [--seed 0]
                                              [--dataset_path data] [--device auto]
 
 Without --out the figures go beside their data, never into the working folder: `<RECORD_ROOT>/figures/`
-(pratio from a root), `figures/` beside the CSV (pratio --csv), `<RECORD_FOLDER>/figures/` (curves,
+(pratio and opasr from a root), `figures/` beside the CSV (pratio --csv), `<RECORD_FOLDER>/figures/` (curves,
 tsne). Every command prints the files it wrote. Empty or malformed input (a metrics.csv without rows or
 without the needed columns, a result.json that is not an object, a root without results) is one
 `error:` line and no figure.
@@ -42,7 +44,7 @@ from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FI
 from utils.commands.driver import build_loaded_model, load_source_state
 from utils.analysis.tsne import knn_separation, knn_vote, tsne
 from utils.record.store import load_record, write_bytes, write_json
-from utils.config import parse_progress
+from utils.config import ArgumentParser, parse_progress
 from utils.victim.experiment import rebuild_experiment
 
 DPI = 120
@@ -558,6 +560,138 @@ def plot_tsne(record_folder: str | Path, out: str | Path | None = None, modes: S
     return out
 
 
+# --- 4. O-ASR against P-ASR ------------------------------------------------------------------------
+
+OPASR_ROLES = ("clean", "backdoored", "defense")  # the clean model (pratio 0), the unpurified one, purified ones
+
+
+def _opasr_label(role: str, defense: str) -> str:
+    return "clean model" if role == "clean" else "no defense" if role == "backdoored" else display_name(defense)
+
+
+def opasr_summary(rows: Iterable[dict[str, Any]], retune_tag: str = "", datasets: Sequence[str] | None = None,
+                  models: Sequence[str] | None = None, attacks: Sequence[str] | None = None,
+                  modes: Sequence[str] | None = None, pratios: Sequence[float] | None = None) -> dict:
+    """What the O-ASR / P-ASR figures show: {(dataset, model): [point, ...]}, one point per model under
+    test (the clean model of a pratio-0 record, the unpurified model, each defense folder), attack,
+    pratio and recipe, from the retuning results of RA tag `retune_tag` (kind=retune rows): x = O-ASR,
+    the ASR of the model just before RA (the purified model as its purification left it: the same
+    weights and test set as its result.json's `after`), y = P-ASR, the ASR after RA; both in percent,
+    mean and sample std over replicates (runs that differ only in their seeds). Rows of different
+    recipes are never averaged: where one point would mix them, each recipe is its own point, named by
+    the settings that differ. `modes` filters the defenses only (the references always stay)."""
+    groups: dict = {}
+    for row in rows:
+        if _text(row.get("kind")) != "retune" or _text(row.get("tag")) != retune_tag:
+            continue
+        dataset, model, attack = _text(row.get("dataset")), _text(row.get("model")), _text(row.get("attack"))
+        if (datasets and dataset not in datasets) or (models and model not in models) or (attacks and attack not in attacks):
+            continue
+        pratio, defense = _num(row.get("pratio")), _text(row.get("mode"))
+        if pratios and not any(abs(pratio - p) <= 1e-9 for p in pratios) and pratio != 0:
+            continue
+        role = "defense" if defense != NONE else "clean" if pratio == 0 else "backdoored"
+        if role == "defense" and modes and defense.split("_", 1)[0] not in modes and defense not in modes:
+            continue
+        key = (role, defense, attack, pratio)
+        cell = groups.setdefault((dataset, model), {}).setdefault(key, {}).setdefault(
+            _text(row.get("recipe")), {"x": [], "y": [], "paths": []})
+        cell["x"].append(100 * _num(row.get("before_asr")))
+        cell["y"].append(100 * _num(row.get("asr")))
+        cell["paths"].append(_text(row.get("path")))
+    out = {}
+    for (dataset, model), cells in sorted(groups.items()):
+        differ = results.differing_settings({key: set(recipes) for key, recipes in cells.items()})
+        shown_pratios = {key[3] for key in cells if key[3] > 0}
+        points = []
+        for (role, defense, attack, pratio), recipes in sorted(
+                cells.items(), key=lambda kv: (OPASR_ROLES.index(kv[0][0]), _mode_key(kv[0][1]), kv[0][2], kv[0][3])):
+            for recipe, cell in recipes.items():
+                variant = results.recipe_label(recipe, differ) if len(recipes) > 1 else ""
+                x, y = _mean_std(cell["x"]), _mean_std(cell["y"])
+                label = f"{_opasr_label(role, defense)} · {results.attack_name(attack)}"
+                if len(shown_pratios) > 1 and pratio > 0:
+                    label += f" · pratio {pratio:g}"
+                points.append({"role": role, "defense": defense, "attack": attack, "pratio": pratio,
+                               "label": label + (f" ({variant})" if variant else ""), "variant": variant,
+                               "o_asr": x[0], "o_asr_std": x[1], "p_asr": y[0], "p_asr_std": y[1], "n": x[2],
+                               "results": sorted(cell["paths"])})
+        out[(dataset, model)] = points
+    return out
+
+
+def _free_label_slot(placed: list[tuple[float, float, float, float]], at: tuple[float, float], chars: int) -> int:
+    """How many lines below its point a label must go not to cover an earlier one: labels as boxes in
+    data units (the figure is about 0.2 units per typographic point; 7 pt text, 9 pt lines); the box
+    chosen is added to `placed`."""
+    x0, width = at[0] + 1.0, 0.85 * chars
+    for shift in range(40):
+        y = at[1] + 0.2 * (4 - 9 * shift)
+        box = (x0, x0 + width, y, y + 1.6)
+        if not any(b[0] < box[1] and box[0] < b[1] and b[2] < box[3] and box[2] < b[3] for b in placed):
+            placed.append(box)
+            return shift
+    return 0
+
+
+def plot_opasr(rows: Iterable[dict[str, Any]], out_dir: str | Path, retune_tag: str = "", **filters) -> list[Path]:
+    """One PNG per (dataset, model), `<out_dir>/opasr_<dataset>_<model>[_<retune_tag>].png`, and its JSON
+    beside it: a labelled point per defense and attack at (O-ASR, P-ASR) as `opasr_summary` computes them
+    (error bars: sample std where a point has several replicates), the clean and the unpurified models as
+    reference points (grey square, black triangle), and the diagonal P-ASR = O-ASR. A point high above
+    the diagonal is a defense whose backdoor the retuning attack brings back (superficial safety)."""
+    Figure = _figure_class()
+    summary = opasr_summary(rows, retune_tag, **filters)
+    if not summary:
+        where = f"retune_{retune_tag}" if retune_tag else "retune"
+        raise UserError(f"no retuning results ({where}/result.json of fine_tune/ft_poison.py) to plot"
+                        + (f" matching {', '.join(f'{k} {list(v)}' for k, v in filters.items() if v)}" if any(filters.values()) else ""))
+    out_dir = Path(out_dir)
+    drawn = []
+    for (dataset, model), points in summary.items():
+        fig = Figure(figsize=(8.5, 7.5), layout="constrained")
+        ax = fig.subplots()
+        ax.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=1, label="P-ASR = O-ASR")
+        colours: dict[str, Any] = {}
+        markers = {a: m for a, m in zip(sorted({p["attack"] for p in points}), "oDvPX*hp<>")}
+        placed: list[tuple[float, float, float, float]] = []
+        for point in points:
+            role = point["role"]
+            style = (dict(color="grey", marker="s") if role == "clean" else dict(color="black", marker="^")
+                     if role == "backdoored" else dict(marker=markers.get(point["attack"], "o")))
+            if role == "defense" and point["defense"] in colours:
+                style["color"] = colours[point["defense"]]
+            xerr = point["o_asr_std"] if point["n"] > 1 else None
+            yerr = point["p_asr_std"] if point["n"] > 1 else None
+            bars = ax.errorbar([point["o_asr"]], [point["p_asr"]], xerr=xerr, yerr=yerr, linestyle="", markersize=7,
+                               capsize=3, **style)
+            colour = bars.lines[0].get_color()
+            if role == "defense":
+                colours.setdefault(point["defense"], colour)
+            text = point["label"] + (f", n={point['n']}" if point["n"] > 1 else "")
+            here = (point["o_asr"], point["p_asr"])
+            shift = _free_label_slot(placed, here, len(text))
+            ax.annotate(text, here, textcoords="offset points", xytext=(5, 4 - 9 * shift), fontsize=7, color=colour)
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("O-ASR: ASR after purification (%)")
+        ax.set_ylabel(f"P-ASR: ASR after the retuning attack{' (' + retune_tag + ')' if retune_tag else ''} (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{dataset} / {model}: backdoor after purification vs after RA")
+        name = f"opasr_{dataset}_{model}{'_' + retune_tag if retune_tag else ''}.png"
+        drawn.append((fig, out_dir / name, points))
+    written = []
+    for fig, path, points in drawn:  # drawn first, written after: an error leaves no half set
+        written.append(_save(fig, path))
+        json_path = path.with_suffix(".json")
+        write_json(json_path, {"image": path.name, "retune_tag": retune_tag,
+                               "x": "O-ASR: ASR of the model just before the retuning attack (after purification)",
+                               "y": "P-ASR: ASR after the retuning attack", "unit": "percent, mean and sample std over replicates",
+                               "points": points})
+        written.append(json_path)
+    return written
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,6 +707,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", nargs="+", help="only these models")
     a.add_argument("--attacks", nargs="+", help="only these attacks")
     a.add_argument("--modes", nargs="+", help="only these purification modes")
+    o = sub.add_parser("opasr", help="O-ASR against P-ASR (after purification vs after RA), one PNG per dataset/model")
+    o.add_argument("root", help="record root to collect results from (as python -m utils.results does)")
+    o.add_argument("--out", help="folder for the PNGs and JSONs (default: <root>/figures)")
+    o.add_argument("--retune_tag", default="", help="which retuning results: '' = retune/ (default), p20 = retune_p20/")
+    o.add_argument("--dataset", nargs="+", help="only these datasets")
+    o.add_argument("--model", nargs="+", help="only these models")
+    o.add_argument("--attacks", nargs="+", help="only these attacks")
+    o.add_argument("--modes", nargs="+", help="only these defenses (mode or defense folder names; references always shown)")
+    o.add_argument("--pratio", nargs="+", type=float, help="only these poisoning ratios (the clean model always shown)")
     c = sub.add_parser("curves", help="training curves of a record and its purifications")
     c.add_argument("record_folder")
     c.add_argument("--out", help="the PNG to write (default <record_folder>/figures/curves[_<tag>].png)")
@@ -618,6 +761,13 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"--out {out_dir} is a file; the pratio figures need a folder")
         written = plot_vs_pratio(rows, out_dir, args.dataset, args.model, args.attacks, args.modes)
+    elif args.command == "opasr":
+        rows, default_out = _pratio_rows(argparse.Namespace(root=args.root, csv=None))
+        out_dir = Path(args.out) if args.out is not None else default_out
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out {out_dir} is a file; the opasr figures need a folder")
+        written = plot_opasr(rows, out_dir, args.retune_tag, datasets=args.dataset, models=args.model, attacks=args.attacks,
+                             modes=args.modes, pratios=args.pratio)
     elif args.command == "curves":
         written = [plot_curves(args.record_folder, args.out, args.modes, args.tag)]
     else:

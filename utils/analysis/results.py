@@ -438,8 +438,108 @@ def robustness_tables(rows: Sequence[dict], attacks: Sequence[str] | None = None
     return _tables(rows, ("retune",), metrics, attacks, " / retuning attack", False)
 
 
-def markdown(rows: Sequence[dict], attacks: Sequence[str] | None = None) -> str:
-    """Both sections, each only when it has rows."""
+# --- the NeurIPS 2024 layout -------------------------------------------------------------------
+
+#: the row kinds of the 2024 table, in their order within a defense: O- after purification (or, for the
+#: unpurified model, as trained), P- after the retuning attack
+STAGES_2024 = ("O-Backdoor", "P-Backdoor", "O-Robustness", "P-Robustness")
+
+
+def defense_of(row: dict) -> tuple[str, str]:
+    """(mode, tag) of the model a row measures: a purification's own; for an attack on a model (retune,
+    qra) its defense folder name `<mode>[_<tag>]` split at the first "_" (mode names hold none); the
+    unpurified model is ("none", "")."""
+    if row["kind"] in ("attack", "purify"):
+        return (NONE, "") if row["kind"] == "attack" else (row["mode"], row["tag"])
+    mode, _, tag = row["mode"].partition("_")
+    return mode, tag
+
+
+def select_2024(rows: Sequence[dict], modes: Sequence[str] | None = None, tag: str = "", retune_tag: str = "") -> list[dict]:
+    """The rows of the 2024 table: the unpurified models (kind attack), the purifications of defense tag
+    `tag` ("*": every tag) and the retuning attacks of RA tag `retune_tag` on those models and on the
+    unpurified one; `modes` keeps only these defenses (the unpurified model always stays)."""
+    def keep(row: dict) -> bool:
+        if row["kind"] not in ("attack", "purify", "retune"):
+            return False
+        mode, defense_tag = defense_of(row)
+        if row["kind"] == "retune" and row["tag"] != retune_tag:
+            return False
+        if mode == NONE:
+            return True
+        return (modes is None or mode in modes) and (tag == "*" or defense_tag == tag)
+    return [row for row in rows if keep(row)]
+
+
+def _stage_2024(entry: dict) -> tuple[tuple[str, str], str]:
+    """(defense, row kind) of a summary entry in the 2024 table."""
+    defense = defense_of(entry)
+    if entry["kind"] == "attack":
+        return defense, "O-Backdoor"
+    if entry["kind"] == "purify":
+        return defense, "O-Robustness"
+    return defense, "P-Backdoor" if defense[0] == NONE else "P-Robustness"
+
+
+def tables_2024(rows: Sequence[dict], attacks: Sequence[str] | None = None, retune_tag: str = "") -> str:
+    """The NeurIPS 2024 paper's layout, one table per (dataset, model, pratio, target): rows O-Backdoor
+    (the unpurified model's C-Acc and ASR), P-Backdoor (the same after RA, where it was run), then per
+    defense O-Robustness (after purification) and P-Robustness (after RA on the purified model);
+    columns C-Acc and ASR per attack; `mean ± std` in percent over replicates. As in every table here,
+    results of different recipes are never averaged: where a cell holds several, each defense's rows
+    are split by the settings that differ (ft.* and victim settings pair an O- row with its P- row;
+    ra.* settings split only the P- rows), and a line under the table names them."""
+    chosen = [r for r in rows if r["kind"] in ("attack", "purify", "retune")]
+    tables = defaultdict(list)
+    for row in chosen:
+        tables[(row["dataset"], row["model"], round(row["pratio"], 9), row["target"])].append(row)
+    metrics = (("clean_acc", "C-Acc"), ("asr", "ASR"))
+    out = []
+    for (dataset, model, pratio, target), members in sorted(tables.items()):
+        present = {r["attack"] for r in members}
+        columns = [a for a in attacks if a in present] if attacks else sorted(present)
+        summary = summarize(members)
+        blocks: dict = defaultdict(lambda: defaultdict(set))
+        for e in summary:
+            defense, stage = _stage_2024(e)
+            blocks[defense][(stage, e["attack"])].add(e["recipe"])
+        differ_of = {defense: differing_settings(cells) for defense, cells in blocks.items()}
+        cells, all_differ = {}, {}
+        for e in summary:
+            defense, stage = _stage_2024(e)
+            differ = differ_of[defense]
+            for key, values in differ.items():
+                all_differ.setdefault(key, set()).update(values)
+            base = recipe_label(e["recipe"], [k for k in differ if not k.startswith("ra.")])
+            ra = recipe_label(e["recipe"], [k for k in differ if k.startswith("ra.")]) if stage.startswith("P-") else ""
+            cells[(defense, base, stage, ra, e["attack"])] = e
+        lines = sorted({k[:4] for k in cells}, key=lambda k: (_mode_rank(k[0][0]), k[0][1], k[1], STAGES_2024.index(k[2]), k[3]))
+        max_n = max(e["n"] for e in cells.values())
+        seeds = len({r["seed"] for r in members})
+        head = f"### {dataset} / {model} / pratio {format_pratio(pratio)}" + (f" / target {target}" if target else "")
+        header = ["Defense", "Row"] + [f"{attack_name(a)} {label}" for a in columns for _, label in metrics]
+        text = [f"{head} / NeurIPS 2024 layout ({seeds} seed{'s' if seeds != 1 else ''})", "",
+                "| " + " | ".join(header) + " |", "|---|---" + "|---:" * (len(header) - 2) + "|"]
+        for defense, base, stage, ra in lines:
+            name = mode_name(*defense) + (f" ({base})" if base else "")
+            values = [name, stage + (f" ({ra})" if ra else "")]
+            for a in columns:
+                entry = cells.get((defense, base, stage, ra, a))
+                values += [_cell(entry, metric, max_n) for metric, _ in metrics]
+            text.append("| " + " | ".join(values) + " |")
+        text += ["", "O-: the model as trained (O-Backdoor) or after purification (O-Robustness); P-: after the "
+                 f"retuning attack (RA{', tag ' + retune_tag if retune_tag else ''}) on it."]
+        if all_differ:
+            text += ["", differing_note({k: sorted(v, key=lambda x: (len(x), x)) for k, v in all_differ.items()})]
+        out.append("\n".join(text))
+    return "\n\n".join(out)
+
+
+def markdown(rows: Sequence[dict], attacks: Sequence[str] | None = None, layout: str = "fst", retune_tag: str = "") -> str:
+    """Both sections, each only when it has rows (layout fst); or the 2024 table (layout 2024)."""
+    if layout == "2024":
+        return "## Purification and post-purification robustness (NeurIPS 2024 layout; percent, mean ± std over " \
+               "replicates)\n\n" + tables_2024(rows, attacks, retune_tag) + "\n"
     parts = []
     if any(r["kind"] in ("attack", "purify") for r in rows):
         parts += ["## Purification (percent, mean ± std over replicates)", purification_tables(rows, attacks)]
@@ -465,10 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--summary_csv", help="write the per-group means and stds here (one group per recipe)")
     a("--json", help="write the rows and the per-group summary as JSON here (recipes as objects)")
     a("--markdown", help="write the tables here as well")
+    a("--layout", choices=LAYOUTS, default="fst", help="fst: the FST paper's tables (purification, then RA), the default; "
+      "2024: the NeurIPS 2024 paper's table (O-Backdoor, then O- and P-Robustness per defense, columns = attacks)")
+    a("--retune_tag", help="with --layout 2024: the retuning results shown as P- rows, by tag (default '': retune/)")
     return p
 
 
 OUTPUT_FLAGS = ("csv", "summary_csv", "json", "markdown")
+LAYOUTS = ("fst", "2024")
 
 
 def check_outputs(args: argparse.Namespace) -> dict[str, Path]:
@@ -504,12 +608,18 @@ def _json_rows(rows: Sequence[dict]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    if args.retune_tag is not None and args.layout != "2024":
+        raise UserError("--retune_tag chooses the P- rows of --layout 2024; the fst layout shows retuning results by --tag")
     outputs = check_outputs(args)
     rows, warnings = collect(args.root)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    rows = filter_rows(rows, args.dataset, args.model, args.pratio, args.attacks, args.modes,
-                       None if args.tag == "*" else (args.tag,))
+    if args.layout == "2024":
+        rows = select_2024(filter_rows(rows, args.dataset, args.model, args.pratio, args.attacks, tags=None), args.modes,
+                           args.tag, args.retune_tag or "")
+    else:
+        rows = filter_rows(rows, args.dataset, args.model, args.pratio, args.attacks, args.modes,
+                           None if args.tag == "*" else (args.tag,))
     if not rows:
         flags = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                          for k, v in vars(args).items() if k in ("dataset", "model", "pratio", "attacks", "modes", "tag") and v)
@@ -517,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         raise SystemExit(1)
     for warning in repeated_replicates(rows):
         print(f"warning: {warning}", file=sys.stderr)
-    text = markdown(rows, args.attacks)
+    text = markdown(rows, args.attacks, args.layout, args.retune_tag or "")
     print(text, end="")
     summary = summarize(rows)
     contents = {"csv": lambda: _csv_text(rows, COLUMNS),
