@@ -6,8 +6,9 @@ Each round (`--epochs`, default 5 = the official n_rounds):
 
 1. inner maximisation: delta starts at 0 (shape 1 x C x H x W, in the model's normalised input space,
    as BackdoorBench adds it to normalised images) and takes one SGD step (lr 10) per batch of the
-   tuning set on -CE(f(x + delta), f(x).argmax) + 0.001 ||delta||^2, then is projected onto the ball
-   ||delta|| <= bound (L2 by default, radius 10 as the official notebook; see `ibau_projection`);
+   tuning set on -CE(f(x + delta), f(x).argmax) + 0.001 ||delta||^2, then is projected into the ball
+   ||delta * std|| <= bound, the bound in pixel units ([0, 1] scale) as in the official code, whose
+   images are not normalised (L2 by default, radius 10 as the official notebook; see `ibau_projection`);
 2. outer minimisation, one Adam step per stored batch (the tuning set batched and augmented once, as
    the official code keeps its list of batches) of the CE on the batch with delta added to a random
    `ibau_portion` (official 0.01) of its images, with the implicit hypergradient through the inner
@@ -46,7 +47,7 @@ NORM_PENALTY = 0.001
 IBAU_OPTIONS = (
     Option("ibau_K", int, 5, "i-bau: fixed-point iterations of the implicit hypergradient (default 5)", check=positive),
     Option("ibau_norm", str, "l2", "i-bau: norm of the perturbation bound (default l2, as officially)", choices=("l2", "linf")),
-    Option("ibau_bound", float, 10.0, "i-bau: radius of the perturbation in the normalised input space (default 10, the official "
+    Option("ibau_bound", float, 10.0, "i-bau: radius of the perturbation in pixel units, [0, 1] scale (default 10, the official "
            "notebook's L2 radius; 0 = unbounded, as BackdoorBench's shipped code)", check=non_negative),
     Option("ibau_projection", str, "step", "i-bau: project the perturbation after every inner step (step, default: the bound holds "
            "throughout) or once after the inner loop (end, the official notebook)", choices=("step", "end")),
@@ -91,22 +92,36 @@ def fixed_point_hypergradient(inner: Tensors, outer: Tensors, K: int,
     return [a + b for a, b in zip(implicit, dE_dl)]
 
 
-def project(delta: torch.Tensor, norm: str, bound: float) -> None:
-    """In place onto {||delta|| <= bound} (bound 0: no constraint)."""
+def pixel_norm(delta: torch.Tensor, norm: str, scale: torch.Tensor | None = None) -> float:
+    """The size of a perturbation of the normalised input in pixel units ([0, 1] scale): delta * std."""
+    pixels = delta if scale is None else delta * scale
+    return float(pixels.abs().max() if norm == "linf" else pixels.norm())
+
+
+def project(delta: torch.Tensor, norm: str, bound: float, scale: torch.Tensor | None = None) -> None:
+    """In place into {||delta * scale|| <= bound} (bound 0: no constraint). `scale` is the per-channel
+    std of the normalisation, so that the bound is in pixel units as in the official code while delta
+    lives in the normalised space as in BackdoorBench. L2: radial scaling (the official rule, the
+    projection onto the ball when scale is 1); Linf: the per-channel clamp."""
     if bound <= 0:
         return
     with torch.no_grad():
         if norm == "linf":
-            delta.clamp_(-bound, bound)
+            if scale is None:
+                delta.clamp_(-bound, bound)
+            else:
+                limit = (bound / scale).to(delta.dtype)
+                delta.copy_(torch.maximum(torch.minimum(delta, limit), -limit))
         else:
-            delta.mul_(min(1.0, bound / max(float(delta.norm()), 1e-12)))
+            delta.mul_(min(1.0, bound / max(pixel_norm(delta, norm, scale), 1e-12)))
 
 
 def universal_perturbation(model: nn.Module, batches: Sequence[torch.Tensor], shape: Sequence[int], norm: str, bound: float,
-                           projection: str, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                           projection: str, on_step: Callable[[torch.Tensor], None] | None = None,
+                           scale: torch.Tensor | None = None) -> torch.Tensor:
     """The inner maximisation: one SGD step (lr 10) per batch on -CE(f(x + delta), f(x).argmax) +
-    0.001 ||delta||^2 from delta = 0, projected after every step or once at the end. `on_step(delta)`
-    sees delta after every step (after its projection)."""
+    0.001 ||delta||^2 from delta = 0, projected (bound in pixel units, see `project`) after every step
+    or once at the end. `on_step(delta)` sees delta after every step (after its projection)."""
     first = batches[0]
     delta = torch.zeros(tuple(shape), device=first.device, dtype=first.dtype, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=PERTURB_LR)
@@ -118,11 +133,11 @@ def universal_perturbation(model: nn.Module, batches: Sequence[torch.Tensor], sh
         loss.backward()
         opt.step()
         if projection == "step":
-            project(delta, norm, bound)
+            project(delta, norm, bound, scale)
         if on_step is not None:
             on_step(delta.detach())
     if projection == "end":
-        project(delta, norm, bound)
+        project(delta, norm, bound, scale)
     return delta.detach()
 
 
@@ -158,8 +173,8 @@ def ibau_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, lis
     for epoch in range(1, s.epochs + 1):
         batches = [pipeline.train_batch(images[idx], gen)
                    for idx in engine.index_batches(len(images), s.batch_size, True, gen, device)]
-        delta = universal_perturbation(model, batches, shape, norm, bound, projection)
-        norms.append(float(delta.abs().max() if norm == "linf" else delta.norm()))
+        delta = universal_perturbation(model, batches, shape, norm, bound, projection, scale=pipeline.std)
+        norms.append(pixel_norm(delta, norm, pipeline.std))
         total_loss, correct, seen = 0.0, 0, 0
         for x, y in stored:
             chosen = sorted(picker.sample(range(len(x)), int(len(x) * portion)))
