@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parameter import Parameter
+from tqdm.auto import tqdm
 
 from utils import engine
 from utils.config import Option, non_negative, parse_bool, positive, within
@@ -104,20 +105,23 @@ def noisy_copy(model: nn.Module) -> tuple[nn.Module, dict[str, NoisyMaskedBatchN
     return net, layers
 
 
+def check_prune_value(prune_by: str, value: float, channels: int) -> None:
+    """--anp_prune_value fits --anp_prune_by on a model with `channels` maskable channels."""
+    if prune_by == "number" and (value != int(value) or value > channels):
+        raise UserError(f"--anp_prune_value must be a whole number of channels within [0, {channels}] "
+                        f"with --anp_prune_by number, got {value:g}")
+    if prune_by != "number" and value > 1:
+        raise UserError(f"--anp_prune_value must be within [0, 1] with --anp_prune_by {prune_by}, got {value:g}")
+
+
 def choose_pruned(masks: list[tuple[str, int, float]], prune_by: str, value: float) -> list[tuple[str, int, float]]:
     """The (layer, channel, mask) entries to prune, lowest masks first. `threshold`: mask <= value (the
     official comparison); `number`: the `value` lowest; `fraction`: int(value * total) lowest."""
+    check_prune_value(prune_by, value, len(masks))
     order = sorted(masks, key=lambda entry: entry[2])  # stable: ties keep module order
     if prune_by == "threshold":
         return [entry for entry in order if entry[2] <= value]
-    if prune_by == "number":
-        if value != int(value) or value > len(masks):
-            raise UserError(f"--anp_prune_value must be a whole number of channels within [0, {len(masks)}] "
-                            f"with --anp_prune_by number, got {value:g}")
-        return order[:int(value)]
-    if value > 1:
-        raise UserError(f"--anp_prune_value must be within [0, 1] with --anp_prune_by fraction, got {value:g}")
-    return order[:int(value * len(masks))]
+    return order[:int(value if prune_by == "number" else value * len(masks))]
 
 
 def prune_channels(model: nn.Module, pruned: list[tuple[str, int, float]], zero_bias: bool) -> None:
@@ -155,8 +159,10 @@ def optimise_masks(model: nn.Module, tuning, iterations: int, rows: list[dict] |
             layer.perturbed = on
 
     net.train()  # batch statistics, as the official mask_train
-    total_loss, correct, seen = 0.0, 0, 0
-    for it in range(1, iterations + 1):
+    zero = torch.zeros((), device=device)
+    total_loss, correct, seen = zero.clone(), zero.clone(), 0  # kept on the device: no sync per step
+    for it in tqdm(range(1, iterations + 1), desc="anp masks", unit="it", leave=False, disable=not s.progress,
+                   dynamic_ncols=True):
         idx = torch.randint(0, len(images), (s.batch_size,), device=device, generator=gen)  # with replacement
         x, y = tuning.pipeline.train_batch(images[idx], gen), labels[idx]
         if eps > 0:
@@ -183,25 +189,25 @@ def optimise_masks(model: nn.Module, tuning, iterations: int, rows: list[dict] |
         with torch.no_grad():
             for t in masks:
                 t.clamp_(0.0, 1.0)
-        total_loss += float(loss.detach()) * len(y)
-        correct += int((logits.detach().argmax(1) == y).sum())
+        total_loss += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         if rows is not None and (it % BLOCK == 0 or it == iterations):
-            rows.append({"epoch": len(rows) + 1, "iterations": it, "lr": s.lr, "train_loss": total_loss / seen,
-                         "train_acc": correct / seen})
-            total_loss, correct, seen = 0.0, 0, 0
+            rows.append({"epoch": len(rows) + 1, "iterations": it, "lr": s.lr, "train_loss": float(total_loss) / seen,
+                         "train_acc": float(correct) / seen})
+            total_loss, correct, seen = zero.clone(), zero.clone(), 0
     return {name: layer.neuron_mask.detach().clone() for name, layer in layers.items()}
 
 
 def anp_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, list[dict]]:
     """Mode.algorithm of `anp`: optimise the masks, prune the plain model, report the masks."""
-    if not maskable_batchnorms(model):
+    layers = maskable_batchnorms(model)
+    if not layers:
         raise UserError(f"anp needs BatchNorm layers; {type(model).__name__} has none")
     if tuning.settings.batch_size < 2:
         raise UserError("anp needs --batch_size of at least 2 (BatchNorm runs on batch statistics)")
     prune_by, value = tuning.option("anp_prune_by"), tuning.option("anp_prune_value")
-    if prune_by == "threshold" and value > 1:
-        raise UserError(f"--anp_prune_value must be within [0, 1] with --anp_prune_by threshold, got {value:g}")
+    check_prune_value(prune_by, value, sum(bn.num_features for _, bn in layers))  # before the optimisation
     rows: list[dict] = []
     masks = optimise_masks(model, tuning, tuning.option("anp_iterations"), rows)
     entries = [(name, k, float(v)) for name, values in masks.items() for k, v in enumerate(values.cpu().tolist())]

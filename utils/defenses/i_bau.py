@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from utils import engine
 from utils.config import Option, non_negative, positive, within
@@ -124,14 +125,13 @@ def universal_perturbation(model: nn.Module, batches: Sequence[torch.Tensor], sh
     or once at the end. `on_step(delta)` sees delta after every step (after its projection)."""
     first = batches[0]
     delta = torch.zeros(tuple(shape), device=first.device, dtype=first.dtype, requires_grad=True)
-    opt = torch.optim.SGD([delta], lr=PERTURB_LR)
     for x in batches:
         with torch.no_grad():
             pseudo = model(x).argmax(1)
         loss = -F.cross_entropy(model(x + delta), pseudo) + NORM_PENALTY * delta.pow(2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        (grad,) = torch.autograd.grad(loss, [delta])  # delta only: the model's weights get no gradient here
+        with torch.no_grad():
+            delta.sub_(PERTURB_LR * grad)  # plain SGD, as the official torch.optim.SGD(lr=10)
         if projection == "step":
             project(delta, norm, bound, scale)
         if on_step is not None:
@@ -170,7 +170,8 @@ def ibau_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, lis
         return [d - FIXED_POINT_LR * g for d, g in zip(delta, grads)]
 
     rows, norms = [], []
-    for epoch in range(1, s.epochs + 1):
+    for epoch in tqdm(range(1, s.epochs + 1), desc=mode.name, unit="round", leave=False, disable=not s.progress,
+                      dynamic_ncols=True):
         batches = [pipeline.train_batch(images[idx], gen)
                    for idx in engine.index_batches(len(images), s.batch_size, True, gen, device)]
         delta = universal_perturbation(model, batches, shape, norm, bound, projection, scale=pipeline.std)
