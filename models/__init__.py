@@ -3,7 +3,7 @@
 Importing this package registers every architecture; `build_model`, `get_head`, `model_names`,
 `register_model` and `BackdoorNet` are its surface.
 """
-from models.registry import BackdoorNet, build_model, get_head, model_names, register_model
+from models.registry import BackdoorNet, build_model, get_head, model_label, model_names, register_model
 from models import resnet, smallcnn, swin, vgg  # noqa: F401,E402  (they register themselves)
 
-__all__ = ["BackdoorNet", "build_model", "get_head", "model_names", "register_model"]
+__all__ = ["BackdoorNet", "build_model", "get_head", "model_label", "model_names", "register_model"]

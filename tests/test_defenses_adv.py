@@ -173,6 +173,10 @@ def test_anp_refuses_a_model_without_batchnorm():
     with pytest.raises(UserError, match="^anp needs BatchNorm layers; _NoBatchNorm has none$"):
         purify(_NoBatchNorm(), ALL_MODES["anp"], images, labels, _pipeline(), _tuning(images, labels).settings,
                lambda net: {})
+    tagged = _NoBatchNorm()
+    tagged.registry_name = "swin_t"  # as build_model tags what it builds
+    with pytest.raises(UserError, match="^anp needs BatchNorm layers; swin_t has none$"):
+        anp.anp_algorithm(tagged, ALL_MODES["anp"], _tuning(images, labels))
 
 
 class _PlainNorm(nn.Module):
@@ -215,7 +219,7 @@ def test_anp_on_a_model_without_batchnorm_is_one_error_line(badnet_record, tiny_
         run_cli(lambda: finetune.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.splitlines() == ["error: anp needs BatchNorm layers; SmallCNN has none"]
+    assert err.splitlines() == ["error: anp needs BatchNorm layers; smallcnn has none"]
     assert _snapshot(tmp_path) == before
 
 
@@ -325,3 +329,9 @@ def test_anp_and_ibau_run_end_to_end_through_ft_py(badnet_record, tiny_cifar10, 
     assert any(not torch.equal(v, record["model"][k]) for k, v in net.state_dict().items() if v.is_floating_point())
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"]
+
+
+def test_build_model_tags_the_registered_name_outside_the_state_dict():
+    net = models.build_model("smallcnn", 10, 3, 32)
+    assert models.model_label(net) == "smallcnn" and models.model_label(_NoBatchNorm()) == "_NoBatchNorm"
+    assert not any("registry_name" in key for key in net.state_dict())

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parameter import Parameter
 from tqdm.auto import tqdm
 
+from models import model_label
 from utils import engine
 from utils.config import Option, non_negative, parse_bool, positive, within
 from utils.defenses.purify import Mode, register_mode
@@ -203,7 +204,7 @@ def anp_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, list
     """Mode.algorithm of `anp`: optimise the masks, prune the plain model, report the masks."""
     layers = maskable_batchnorms(model)
     if not layers:
-        raise UserError(f"anp needs BatchNorm layers; {type(model).__name__} has none")
+        raise UserError(f"anp needs BatchNorm layers; {model_label(model)} has none")
     if tuning.settings.batch_size < 2:
         raise UserError("anp needs --batch_size of at least 2 (BatchNorm runs on batch statistics)")
     prune_by, value = tuning.option("anp_prune_by"), tuning.option("anp_prune_value")
