@@ -53,12 +53,12 @@ def test_anp_noisy_copy_is_the_plain_model_until_masked(name):
     """Masks 1 and no perturbation: the copy computes what the model computes, in both BN modes,
     and every BatchNorm2d channel of the model has a mask."""
     torch.manual_seed(0)
-    model = models.build_model(name, 10, 3, 32)
+    model = models.build_model(name, 10, 3, 16)
     net, layers = anp.noisy_copy(model)
     bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert bn_channels > 0 and sum(layer.num_features for layer in layers.values()) == bn_channels
     assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(3, 3, 16, 16)
     for train in (False, True):
         model.train(train), net.train(train)
         with torch.no_grad():
