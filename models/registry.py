@@ -79,7 +79,14 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     """Build a registered model with freshly initialised weights."""
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
-    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    net = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    net.registry_name = name  # what messages call the model (a plain attribute: not in the state dict)
+    return net
+
+
+def model_label(model: nn.Module) -> str:
+    """The registered name of a model built by `build_model`, else its class name."""
+    return getattr(model, "registry_name", None) or type(model).__name__
 
 
 def get_head(model: nn.Module, name: str | None = None) -> nn.Linear:
