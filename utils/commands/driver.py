@@ -216,6 +216,7 @@ def finish_run(staged: StagedFolder, result: dict, rows: list[dict], arguments: 
                weights_file: str = MODEL_FILE, log: str | None = None) -> Path:
     """Write one finished run into its stage (result, per-epoch metrics, resolved config, optional
     weights and log) and make it the result. Returns the final folder."""
+    staged.check_owner()  # a run that lost its folder (its stage may be gone with it) says so, not ENOENT
     write_json(staged.stage / RESULT_FILE, {**result, "versions": versions(), "args": arguments})
     write_csv(staged.stage / METRICS_FILE, rows)
     write_text(staged.stage / CONFIG_FILE, dump_yaml(arguments))
