@@ -1,14 +1,19 @@
-"""Findings of the independent hostile trial of the issue-13 work (issue 13, class 6).
+"""Findings of the independent hostile trial of the issue-13 work (issue 13, classes 4 and 6).
 
 A one-shot run (ft.py, ft_poison.py, qra.py) killed with -9 leaves its stage `.NAME.partial-<hex>`
 beside the result folder. The next run on the same folder takes the stale lock over; it must also
 remove that stage, which nothing could ever commit, instead of leaving it there for good."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT, attack_argv
+from test_cli import ATTACK, FT, PROTOTYPE, assert_unchanged, assert_user_error, ft_args, run_script, snapshot
 from test_concurrency import _dead_pid, _leftovers, _write_lock
 from utils.commands.driver import finish_run
 from utils.record.layout import RESULT_FILE, lock_path, one_shot_stages, stage_path
@@ -48,3 +53,32 @@ def test_a_run_that_lost_its_folder_says_so_before_writing(tmp_path):
     fresh.abort()
     assert _leftovers(tmp_path) == []
 
+
+# --- class 4: an empty folder flag silently meant the working directory ---------------------------
+# `attack/badnet.py --record_root ""` wrote its record as ./cifar10/badnet/... into the folder the
+# command ran from (the repository root, in the trial). Now every folder flag refuses an empty value.
+
+@pytest.mark.parametrize("script,flag", [(ATTACK, "--record_root"), (ATTACK, "--dataset_path"),
+                                         (ATTACK, "--resource_root"), (FT, "--record_root"),
+                                         (FT, "--dataset_path")])
+def test_an_empty_folder_flag_is_refused(tmp_path, tiny_cifar10, script, flag):
+    if script == ATTACK:
+        args = attack_argv(tiny_cifar10, tmp_path / "records")
+        args[args.index("--yaml_path") + 1] = str(PROTOTYPE)  # run from tmp_path, not the repository
+    else:
+        args = ft_args(tmp_path / "records", tiny_cifar10)
+    args += [flag, ""]  # the later flag wins
+    before = snapshot(tmp_path)
+    proc = run_script(str(REPO_ROOT / script), args, cwd=tmp_path)
+    assert_user_error(proc, flag, "must name a folder")
+    assert_unchanged(before, tmp_path)
+
+
+def test_a_sweep_with_an_empty_record_root_is_refused(tmp_path):
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "utils.sweep", "attacks", "--record_root", "", "--yaml_path",
+                           str(REPO_ROOT / "config/attack/prototype/fmnist.yaml"), "--attacks", "badnet",
+                           "--pratios", "0.1", "--dry_run"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert_user_error(proc, "--record_root", "must name a folder")
+    assert_unchanged(before, tmp_path)
