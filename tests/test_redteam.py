@@ -82,3 +82,24 @@ def test_a_sweep_with_an_empty_record_root_is_refused(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert_user_error(proc, "--record_root", "must name a folder")
     assert_unchanged(before, tmp_path)
+
+
+# --- class 2: names the read-only tools joined into paths -------------------------------------------
+# `utils.robustness_table --attacks ../x` looked for <root>/fmnist/../x/... and `utils.plots tsne
+# --modes ../x` loaded <record>/defense/../x/model.pt: a name reached outside the record layout.
+
+@pytest.mark.parametrize("argv", [
+    ["utils.robustness_table", "{root}", "--attacks", "../x"],
+    ["utils.robustness_table", "{root}", "--dataset", "../../etc"],
+    ["utils.robustness_table", "{root}", "--model", "a/b"],
+    ["utils.robustness_table", "{root}", "--retune_tags", "../../x"],
+    ["utils.plots", "tsne", "{root}", "--modes", "../x"],
+    ["utils.plots", "curves", "{root}", "--modes", ".hidden"],
+    ["utils.plots", "curves", "{root}", "--tag", "../../x"],
+])
+def test_names_given_to_the_analysis_tools_are_not_paths(tmp_path, argv):
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", *[a.format(root=tmp_path) for a in argv]], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert_user_error(proc, argv[-2], argv[-1])
+    assert_unchanged(before, tmp_path)
