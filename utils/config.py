@@ -166,6 +166,12 @@ def registered(names: Callable[[], Any], allow_empty: bool = False) -> Callable[
     return check
 
 
+def folder_path(value) -> str | None:
+    """A folder the run reads or writes under: not empty. An empty value would quietly mean the
+    working directory (a record written into the repository's own root, say); `.` says so."""
+    return None if str(value).strip() else "must name a folder (for the current folder, pass .)"
+
+
 _TAG = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 

@@ -44,7 +44,7 @@ from utils.record.layout import CONFIG_FILE, DEFENSE_DIR, METRICS_FILE, MODEL_FI
 from utils.commands.driver import build_loaded_model, load_source_state
 from utils.analysis.tsne import knn_separation, knn_vote, tsne
 from utils.record.store import load_record, write_bytes, write_json
-from utils.config import ArgumentParser, parse_progress
+from utils.config import ArgumentParser, folder_name, parse_progress, short, tag
 from utils.victim.experiment import rebuild_experiment
 
 DPI = 120
@@ -755,6 +755,12 @@ def _pratio_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    # --modes and --tag become parts of the paths read (defense/<mode>[_<tag>]/): plain names only
+    for mode in (args.modes or []) if args.command != "pratio" else []:
+        if folder_name(mode):
+            raise UserError(f"--modes {short(mode)} {folder_name(mode)}")
+    if tag(getattr(args, "tag", "")):
+        raise UserError(f"--tag {short(args.tag)} {tag(args.tag)}")
     if args.command == "pratio":
         rows, default_out = _pratio_rows(args)
         out_dir = Path(args.out) if args.out is not None else default_out

@@ -19,7 +19,7 @@ import models
 from utils import engine
 from utils.attacks.registry import get_attack
 from utils.attacks.registry import ATTACKS
-from utils.config import Option, REPO_ROOT, device, dump_yaml, non_negative, parse_bool, parse_command, parse_progress, registered, short, tag, within
+from utils.config import Option, REPO_ROOT, device, dump_yaml, folder_path, non_negative, parse_bool, parse_command, parse_progress, registered, short, tag, within
 from utils.data.datasets import DATASETS, dataset_info
 from utils.errors import UserError
 from utils.attacks.poison import check_pratio
@@ -35,12 +35,12 @@ def record_options() -> list[Option]:
     when a command starts, so data sets registered by extensions count)."""
     return [
         Option("dataset", str, "cifar10", f"one of {', '.join(DATASETS)} (default cifar10)", check=registered(lambda: DATASETS)),
-        Option("dataset_path", str, "data", "folder holding the datasets (default data)"),
+        Option("dataset_path", str, "data", "folder holding the datasets (default data)", check=folder_path),
         Option("attack", str, "badnet", "attack name of the record (default badnet)", check=registered(lambda: sorted(ATTACKS))),
         Option("pratio", float, 0.1, "poisoning ratio of the record (default 0.1; 0 for the clean model)", check=within(0, 1)),
         Option("attack_target", int, 0, "target label of the record (default 0)", check=non_negative),
         Option("model", str, "resnet18", "architecture of the record (default resnet18)", check=registered(models.model_names)),
-        Option("record_root", str, "record", "folder that holds the records (default record)"),
+        Option("record_root", str, "record", "folder that holds the records (default record)", check=folder_path),
     ]
 
 
@@ -218,6 +218,7 @@ def finish_run(staged: StagedFolder, result: dict, rows: list[dict], arguments: 
                weights_file: str = MODEL_FILE, log: str | None = None) -> Path:
     """Write one finished run into its stage (result, per-epoch metrics, resolved config, optional
     weights and log) and make it the result. Returns the final folder."""
+    staged.check_owner()  # a run that lost its folder (its stage may be gone with it) says so, not ENOENT
     write_json(staged.stage / RESULT_FILE, {**result, "versions": versions(), "args": arguments})
     write_csv(staged.stage / METRICS_FILE, rows)
     write_text(staged.stage / CONFIG_FILE, dump_yaml(arguments))

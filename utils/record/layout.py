@@ -34,6 +34,18 @@ def stage_path(final: str | Path, suffix: str = "") -> Path:
     return final.parent / (f".{final.name}.partial" + (f"-{suffix}" if suffix else ""))
 
 
+def one_shot_stages(final: str | Path) -> list[Path]:
+    """Every `.NAME.partial-<suffix>` beside the result folder NAME (not the resumable `.NAME.partial`;
+    a suffix never holds a dot, so the stages of a result named `NAME.partial-x` are not among them)."""
+    final = Path(final)
+    prefix = stage_path(final, "-").name[:-1]
+    try:
+        return [p for p in final.parent.iterdir()
+                if p.name.startswith(prefix) and p.name != prefix and "." not in p.name[len(prefix):]]
+    except OSError:
+        return []
+
+
 def lock_path(final: str | Path) -> Path:
     """`.NAME.lock`: the file that says which run owns the result folder NAME (utils/record/lock.py)."""
     final = Path(final)

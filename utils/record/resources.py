@@ -27,13 +27,14 @@ from typing import Any, Callable
 
 import torch
 
-from utils.config import Option
+from utils.config import Option, folder_path
 from utils.errors import UserError, os_error_message
 from utils.record.lock import FolderLock, LockHeld
 from utils.record.store import load_torch_file, save_torch, write_json
 
 RESOURCE_OPTIONS = [
-    Option("resource_root", str, "record/resources", "cache folder for generated attack resources"),
+    Option("resource_root", str, "record/resources", "cache folder for generated attack resources",
+           check=folder_path),
 ]
 
 #: seconds between two looks at a resource that another run is building

@@ -20,7 +20,7 @@ import torch
 from utils.config import REPO_ROOT
 from utils.errors import UserError, os_error_message
 from utils.fileio import atomic_write
-from utils.record.layout import FORMAT, FORMAT_VERSION, RECORD_FILE, old_path, stage_path
+from utils.record.layout import FORMAT, FORMAT_VERSION, RECORD_FILE, old_path, one_shot_stages, stage_path
 from utils.record.lock import FolderLock, LostLock
 from utils.engine.runtime import to_cpu
 
@@ -196,6 +196,7 @@ class StagedFolder:
                     self.stage.unlink()  # not a stage at all: --overwrite clears it
                 self.stage.mkdir(exist_ok=True)
             else:
+                self._remove_dead_stages()
                 self.stage = self._fresh_stage()
         except BaseException as err:
             self.lock.release()
@@ -207,6 +208,13 @@ class StagedFolder:
     def _refuse_existing(self, marker: str, overwrite: bool) -> None:
         if (self.final / marker).exists() and not overwrite:
             raise UserError(f"{self.what} {self.final} already exists; pass --overwrite true to replace it")
+
+    def _remove_dead_stages(self) -> None:
+        # Only the lock holder makes a one-shot stage, and this run holds the lock now: any stage
+        # still here is the unfinished output of a run that was killed (SIGKILL, power loss) before
+        # it could clean up. It can never be committed, so it would otherwise stay forever.
+        for old in one_shot_stages(self.final):
+            shutil.rmtree(old, ignore_errors=True)
 
     def _fresh_stage(self) -> Path:
         # not tempfile.mkdtemp: its folders are private (0700); results get the usual 0777 & ~umask

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 
+from utils.config import folder_name, short, tag
 from utils.defenses.purify import ALL_MODES
 from utils.config import ArgumentParser, read_yaml
 from utils.errors import UserError, run_cli
@@ -201,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> str:
                    help="retuning results to show, by tag ('' = retune/, p20 = retune_p20/); default ''")
     p.add_argument("--qra", action="store_true", help="add the QRA columns (ASR of poisoned inputs + delta)")
     args = p.parse_args(argv)
+    # names become parts of the paths read: plain folder names only, never `..` or a path
+    for flag, values, check in (("--dataset", [args.dataset], folder_name), ("--model", [args.model], folder_name),
+                                ("--attacks", args.attacks, folder_name), ("--retune_tags", args.retune_tags, tag)):
+        for value in values:
+            if check(value):
+                raise UserError(f"{flag} {short(value)} {check(value)}")
     root = Path(args.record_root)
     check_root(root, args.dataset, args.model, args.attacks, args.pratio, args.attack_target)
     table = markdown(root, args.dataset, args.model, args.attacks, args.pratio, args.attack_target,

@@ -46,7 +46,7 @@ from utils.data.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.defenses.purify import ALL_MODES, parse_modes
 from utils.record.layout import CONFIG_FILE, MODEL_FILE, RECORD_FILE, RESULT_FILE, SUMMARY_FILE, defense_folder, format_pratio, logs_folder, record_name, resources_folder, retune_folder, source_folder
-from utils.config import INT_LIMIT, REPO_ROOT, ArgumentParser, parse_bool, read_yaml, short, tag as tag_problem
+from utils.config import INT_LIMIT, REPO_ROOT, ArgumentParser, folder_path, parse_bool, read_yaml, short, tag as tag_problem
 from utils.record.lock import FolderLock, LockHeld, held_message, holder_of
 
 DEVICE = "{device}"  # placeholder in a job's argv, replaced by the slot's device when it starts
@@ -541,6 +541,9 @@ def _numbers(flag: str, values: list[str] | None, kind, low, high, what: str) ->
 def _settle(args: argparse.Namespace) -> None:
     """Convert and check every flag before any job is built: names against their registries,
     numbers finite and in range."""
+    problem = folder_path(args.record_root)
+    if problem:  # empty: seed_<s>/, logs/ and resources/ would land in the working directory
+        raise UserError(f"--record_root {problem}, got {short(args.record_root)}")
     args.attacks = _items(args.attacks)
     for attack in args.attacks or []:
         get_attack(attack)

@@ -22,6 +22,7 @@ from utils.attacks.poison import (
 )
 from utils.config import (
     REPO_ROOT,
+    folder_path,
     Option,
     pre_parse,
     build_parser,
@@ -56,7 +57,7 @@ def _known_model(name: str) -> str | None:
 
 COMMON_OPTIONS: list[Option] = [
     Option("dataset", str, "cifar10", "dataset name", choices=DATASETS.keys()),  # a live view: later registrations count
-    Option("dataset_path", str, "data", "folder holding the datasets"),
+    Option("dataset_path", str, "data", "folder holding the datasets", check=folder_path),
     Option("download", parse_bool, False, "download the dataset with torchvision when missing (needs internet)"),
     Option("model", str, "resnet18", "architecture from the model registry", check=_known_model),
     Option("pretrained", parse_bool, False, "start from ImageNet weights (swin_t only)"),
@@ -79,7 +80,7 @@ COMMON_OPTIONS: list[Option] = [
     Option("train_subset", int, 0, "train on this many seeded-random training images (0: all)", check=non_negative),
     Option("test_subset", int, 0, "evaluate on this many seeded-random test images (0: all)", check=non_negative),
     Option("eval_batch_size", int, 0, "batch size for evaluation (0: 1024 on GPU, 256 on CPU)", check=non_negative),
-    Option("record_root", str, "record", "folder that holds the records"),
+    Option("record_root", str, "record", "folder that holds the records", check=folder_path),
     *RESOURCE_OPTIONS,
     Option("overwrite", parse_bool, False, "replace an existing record", yaml=False),
     Option("progress", parse_progress, "auto", "progress bars: true, false or auto (only on a terminal)"),
