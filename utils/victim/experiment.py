@@ -52,6 +52,9 @@ from utils.record.store import portable_path
 def _known_model(name: str) -> str | None:
     if models.is_model_name(name):
         return None
+    problem = models.name_check()(name)
+    if problem and problem.startswith("is refused"):  # a tv: name: say why it was refused
+        return problem
     return f"is not a registered model; choose one of: {', '.join(models.model_names())}, or tv:<torchvision name>"
 
 
