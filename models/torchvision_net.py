@@ -160,17 +160,22 @@ class TorchvisionNet(BackdoorNet):
     def _probe(self) -> tuple[int, list[int]]:
         """(smallest accepted input side, the stage modules' positions among the opened trunk
         modules), from passes of shapes only."""
-        channels = next(m for m in self.net.modules() if isinstance(m, nn.Conv2d)).in_channels
+        first = next((m for m in self.net.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise UserError(f"{type(self.net).__name__} has no Conv2d layer; the adapter splits convolutional models only")
+        channels = first.in_channels
         meta = _meta_copy(self)
-        was = meta.training
         meta.eval()  # BatchNorm on meta needs no batch statistics
         record: list = []
         try:
             with torch.no_grad():
-                meta._trunk_on(torch.empty(1, channels, _PROBE_SIDE, _PROBE_SIDE, device="meta"), record)
+                out = meta._trunk_on(torch.empty(1, channels, _PROBE_SIDE, _PROBE_SIDE, device="meta"), record)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"{type(self.net).__name__}: its children do not run in sequence on an image "
                             f"({str(err).splitlines()[0][:120]}); cannot split it") from None
+        if out.dim() != 4:
+            raise UserError(f"{type(self.net).__name__}: what runs before its global pooling does not give "
+                            "(N, C, h, w) feature maps; cannot split it")
         ends: list[int] = []  # index of the last module at each resolution
         for i, (_m, shape) in enumerate(record):
             if i + 1 == len(record) or record[i + 1][1] != shape:
@@ -192,7 +197,6 @@ class TorchvisionNet(BackdoorNet):
         while low < high:
             mid = (low + high) // 2
             low, high = (low, mid) if accepts(mid) else (mid + 1, high)
-        meta.train(was)
         return low, stages
 
     # -- the BackdoorNet accessors -------------------------------------------------------------------------
@@ -227,6 +231,9 @@ class TorchvisionNet(BackdoorNet):
         try:
             with torch.no_grad():
                 own, split = net(x), wrapped(x)
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"{type(net).__name__}: its split does not run on a {side}x{side} image "
+                            f"({str(err).splitlines()[0][:120]}); give it a BackdoorNet subclass instead") from None
         finally:
             net.train(was)
         if own.shape != split.shape or not torch.allclose(own, split, atol=atol, rtol=1e-4):

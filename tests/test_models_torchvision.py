@@ -156,6 +156,12 @@ def test_a_model_the_split_does_not_reproduce_is_refused():
     no_head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(UserError, match="cannot find the head"):
         TorchvisionNet(no_head)
+    with pytest.raises(UserError, match="no Conv2d layer"):
+        TorchvisionNet(nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))).min_input_size
+    # no global pooling: the "trunk" flattens, so there are no feature maps to expose
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    with pytest.raises(UserError, match=r"does not give \(N, C, h, w\) feature maps"):
+        TorchvisionNet.wrap(flat, image_size=8)
 
 
 # --- through the command line -------------------------------------------------------------------------
