@@ -24,6 +24,9 @@ from torch import nn
 from utils.errors import UserError
 
 _REGISTRY: dict[str, Callable[..., "BackdoorNet"]] = {}
+_HEAVY: set[str] = set()
+#: name prefix -> (builder taking the rest of the name first, validator raising UserError)
+_PREFIXES: dict[str, tuple[Callable[..., "BackdoorNet"], Callable[[str], object]]] = {}
 
 
 class BackdoorNet(nn.Module):
@@ -59,27 +62,95 @@ class BackdoorNet(nn.Module):
         return get_head(self)(self.features(x))
 
 
-def register_model(name: str):
-    """Decorator adding a builder `fn(num_classes, in_channels, image_size) -> BackdoorNet`."""
+def register_model(name: str, heavy: bool = False):
+    """Decorator adding a builder `fn(num_classes, in_channels, image_size) -> BackdoorNet`.
+    `heavy` marks a model too slow on a CPU for the tests' loops (they give it tiny inputs or only
+    the cheap checks: `light_model_names()` leaves it out)."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = fn
+        if heavy:
+            _HEAVY.add(name)
         return fn
 
     return wrap
 
 
+def register_prefix(prefix: str, builder: Callable[..., "BackdoorNet"], check: Callable[[str], object]) -> None:
+    """Make every name `prefix<rest>` a model: `check(rest)` raises a UserError for a bad `rest`,
+    `builder(rest, num_classes, in_channels, image_size)` builds it (`tv:<torchvision name>`)."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"model prefix {prefix!r} registered twice")
+    _PREFIXES[prefix] = (builder, check)
+
+
 def model_names() -> list[str]:
+    """The registered names (prefixed families such as `tv:<name>` are not listed: see `is_model_name`)."""
     return sorted(_REGISTRY)
 
 
+def light_model_names() -> list[str]:
+    """The registered names not marked heavy."""
+    return sorted(set(_REGISTRY) - _HEAVY)
+
+
+def is_heavy(name: str) -> bool:
+    """Marked heavy at registration; prefixed names (`tv:...`) count as heavy."""
+    return name in _HEAVY or (name not in _REGISTRY and name.startswith(tuple(_PREFIXES)))
+
+
+def _prefixed(name: str):
+    return next(((p, entry) for p, entry in _PREFIXES.items() if name.startswith(p)), (None, None))
+
+
+def check_model_name(name: str) -> None:
+    """Nothing for a model `build_model` can build, else one UserError line."""
+    if name in _REGISTRY:
+        return
+    prefix, entry = _prefixed(name)
+    if entry is not None:
+        entry[1](name[len(prefix):])
+        return
+    shown = name if len(name) <= 60 and name.isprintable() else repr(name[:60])
+    extra = "".join(f", or {p}<name>" for p in _PREFIXES)
+    raise UserError(f"unknown model {shown}; choose one of: {', '.join(model_names())}{extra}")
+
+
+def is_model_name(name: str) -> bool:
+    try:
+        check_model_name(name)
+    except UserError:
+        return False
+    return True
+
+
+def name_check(allow_empty: bool = False) -> Callable[[object], str | None]:
+    """An Option `check=` for a model name: None for a buildable name (or empty when `allow_empty`),
+    else what is wrong with it (the registered names, or why a `tv:` name is refused)."""
+    def check(value) -> str | None:
+        if (allow_empty and value == "") or (isinstance(value, str) and value in _REGISTRY):
+            return None
+        if isinstance(value, str) and _prefixed(value)[1] is not None:
+            try:
+                check_model_name(value)
+            except UserError as err:
+                return f"is refused: {err}"
+            return None
+        extra = "".join(f", or {p}<name>" for p in _PREFIXES)
+        return f"is not one of: {', '.join(model_names())}{extra}{' (or empty)' if allow_empty else ''}"
+    return check
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> BackdoorNet:
-    """Build a registered model with freshly initialised weights."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
-    net = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    """Build a registered model (or a `tv:<name>` one) with freshly initialised weights."""
+    check_model_name(name)
+    if name in _REGISTRY:
+        net = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    else:
+        prefix, (builder, _check) = _prefixed(name)
+        net = builder(name[len(prefix):], num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     net.registry_name = name  # what messages call the model (a plain attribute: not in the state dict)
     return net
 

@@ -53,6 +53,6 @@ class SwinT(BackdoorNet):
         self.norm.load_state_dict(norm)
 
 
-@register_model("swin_t")
+@register_model("swin_t", heavy=True)
 def swin_t(num_classes: int, in_channels: int = 3, image_size: int = 224) -> SwinT:
     return SwinT(num_classes, in_channels)

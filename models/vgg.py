@@ -52,6 +52,6 @@ class VGG(BackdoorNet):
         return [m for m in self.convs if isinstance(m, nn.MaxPool2d)][-3:]
 
 
-@register_model("vgg19_bn")
+@register_model("vgg19_bn", heavy=True)
 def vgg19_bn(num_classes: int, in_channels: int = 3, image_size: int = 32) -> VGG:
     return VGG(num_classes, in_channels)

@@ -48,7 +48,7 @@ def _tiny_data(n: int = 16, size: int = 8, classes: int = 10, seed: int = 0):
 
 # ---------------------------------------------------------------- ANP
 
-@pytest.mark.parametrize("name", [n for n in models.model_names() if n not in ("vgg19_bn", "swin_t")])
+@pytest.mark.parametrize("name", models.light_model_names())
 def test_anp_noisy_copy_is_the_plain_model_until_masked(name):
     """Masks 1 and no perturbation: the copy computes what the model computes, in both BN modes,
     and every BatchNorm2d channel of the model has a mask."""

@@ -23,7 +23,7 @@ from utils.commands import finetune
 from utils.defenses import nad, nc
 from utils.defenses.purify import ALL_MODES, PurifySettings, Tuning, purify
 
-BIG_MODELS = {"vgg19_bn", "swin_t"}
+BIG_MODELS = {n for n in models.model_names() if models.is_heavy(n)}
 
 
 def _size(name: str, model) -> int:

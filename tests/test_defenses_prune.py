@@ -19,7 +19,7 @@ from utils.defenses import clp, ep, fp
 from utils.defenses.purify import ALL_MODES, PoisonedSamples, PurifySettings, Tuning
 from utils.errors import UserError
 
-SMALL_MODELS = ["smallcnn", "resnet18", "preactresnet18"]  # vgg19_bn and swin_t are too big for these loops
+SMALL_MODELS = models.light_model_names()  # the heavy ones (register_model(..., heavy=True)) are too big for these loops
 
 
 def _pipeline(size: int = 8) -> engine.Pipeline:

@@ -20,7 +20,7 @@ from utils import engine
 from utils.errors import UserError
 from utils.defenses.purify import MODES, PurifySettings, der, get_mode, purify, reinit_linear, tuning_indices
 
-BIG_MODELS = {"vgg19_bn", "swin_t"}
+BIG_MODELS = {n for n in models.model_names() if models.is_heavy(n)}
 NUM_CLASSES = 10
 BATCH = 4
 TINY_LR = 1e-6

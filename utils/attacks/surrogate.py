@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import models
 from utils import engine
 from utils.attacks import adversarial
-from utils.config import REPO_ROOT, Option, parse_bool, non_negative, registered, within
+from utils.config import REPO_ROOT, Option, parse_bool, non_negative, within
 from utils.errors import UserError
 from utils.record.resources import (
     RESOURCE_OPTIONS,
@@ -34,7 +34,7 @@ from utils.record.store import clean_state_dict, load_record, load_state_dict_ch
 
 SURROGATE_OPTIONS = RESOURCE_OPTIONS + [
     Option("surrogate_record", str, "", "record folder whose model is the surrogate (empty: train a clean one)"),
-    Option("surrogate_model", str, "", "architecture of the trained surrogate (empty: the victim's --model)", check=registered(models.model_names, allow_empty=True)),
+    Option("surrogate_model", str, "", "architecture of the trained surrogate (empty: the victim's --model)", check=models.name_check(allow_empty=True)),
     Option("surrogate_epochs", int, 0, "training epochs of the surrogate (0: the victim's --epochs)", check=non_negative),
 ]
 
@@ -127,7 +127,7 @@ def _from_record(ctx) -> Surrogate:
 def _trained(ctx, at: dict[str, Any] | None = None) -> Surrogate:
     cfg, info, device = ctx.cfg, ctx.info, ctx.device
     name = cfg["surrogate_model"] or cfg["model"]
-    if name not in models.model_names():
+    if not models.is_model_name(name):
         raise UserError(f"unknown surrogate_model {name!r}; choose one of: {', '.join(models.model_names())}")
     epochs = cfg["surrogate_epochs"] or cfg["epochs"]
     if epochs < 0:

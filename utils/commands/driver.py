@@ -39,7 +39,7 @@ def record_options() -> list[Option]:
         Option("attack", str, "badnet", "attack name of the record (default badnet)", check=registered(lambda: sorted(ATTACKS))),
         Option("pratio", float, 0.1, "poisoning ratio of the record (default 0.1; 0 for the clean model)", check=within(0, 1)),
         Option("attack_target", int, 0, "target label of the record (default 0)", check=non_negative),
-        Option("model", str, "resnet18", "architecture of the record (default resnet18)", check=registered(models.model_names)),
+        Option("model", str, "resnet18", "architecture of the record (default resnet18)", check=models.name_check()),
         Option("record_root", str, "record", "folder that holds the records (default record)", check=folder_path),
     ]
 
@@ -69,7 +69,7 @@ def check_record_args(args: argparse.Namespace) -> None:
     attack; and the pratio's range."""
     if args.dataset not in DATASETS:
         raise UserError(f"unknown --dataset {short(args.dataset)}; choose one of: {', '.join(DATASETS)}")
-    if args.model not in models.model_names():
+    if not models.is_model_name(args.model):
         raise UserError(f"unknown --model {short(args.model)}; choose one of: {', '.join(models.model_names())}")
     get_attack(args.attack)  # an unknown attack name is a typo, not a missing record
     check_pratio(args.pratio)

@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         args.size = "full" if device.type == "cuda" else "tiny"
     size = SIZES[args.size]
     if args.model:
-        if args.model not in models.model_names():
+        if not models.is_model_name(args.model):
             raise UserError(f"unknown --model {args.model!r}; choose one of: {', '.join(models.model_names())}")
         size = Size(**{**asdict(size), "model": args.model})
     timeout = args.timeout or None

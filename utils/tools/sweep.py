@@ -91,7 +91,7 @@ def attack_jobs(yaml_path: str, attacks: list[str], pratios: list[float], seeds:
     # the names become folder names of the outputs: registry names only
     if dataset not in DATASETS:
         raise UserError(f"{yaml_path}: dataset {short(dataset)} is not one of: {', '.join(DATASETS)}")
-    if model not in models.model_names():
+    if not models.is_model_name(model):
         raise UserError(f"model {short(model)} is not one of: {', '.join(models.model_names())}")
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target <= INT_LIMIT:
         raise UserError(f"attack_target must be an integer, 0 or positive, got {short(target)}")
@@ -552,7 +552,7 @@ def _settle(args: argparse.Namespace) -> None:
     workers = _numbers("--workers", None if args.workers is None else [args.workers], int, 1, 4096,
                        "a positive integer (at most 4096)")
     args.workers = workers[0] if workers else None
-    if getattr(args, "model", None) is not None and args.model not in models.model_names():
+    if getattr(args, "model", None) is not None and not models.is_model_name(args.model):
         raise UserError(f"--model {short(args.model)} is not one of: {', '.join(models.model_names())}")
     if getattr(args, "attack_target", None) is not None:
         args.attack_target = _numbers("--attack_target", [args.attack_target], int, 0, INT_LIMIT,

@@ -51,8 +51,12 @@ from utils.record.store import portable_path
 
 
 def _known_model(name: str) -> str | None:
-    names = models.model_names()
-    return None if name in names else f"is not a registered model; choose one of: {', '.join(names)}"
+    if models.is_model_name(name):
+        return None
+    problem = models.name_check()(name)
+    if problem and problem.startswith("is refused"):  # a tv: name: say why it was refused
+        return problem
+    return f"is not a registered model; choose one of: {', '.join(models.model_names())}, or tv:<torchvision name>"
 
 
 COMMON_OPTIONS: list[Option] = [
@@ -150,7 +154,7 @@ def pre_given(argv: Sequence[str] | None) -> set[str]:
 def validate_config(cfg: dict[str, Any]) -> DatasetInfo:
     info = dataset_info(cfg["dataset"])
     check_pratio(cfg["pratio"])
-    if cfg["model"] not in models.model_names():
+    if not models.is_model_name(cfg["model"]):
         raise UserError(f"unknown model {short(cfg['model'])}; choose one of: {', '.join(models.model_names())}")
     if not 0 <= cfg["attack_target"] < info.num_classes:
         raise UserError(f"attack_target {cfg['attack_target']} is not a class of {info.name} (0..{info.num_classes - 1})")
