@@ -11,6 +11,10 @@
 #   UNLEARN_EPOCHS=10 BTI_ARGS="--split_ratio 0.02 --bti_unet_width 8 --bti_pretrain_epochs 10 --bti_mask_epochs 5
 #     --bti_gen_epochs 10" QRA_ARGS="--epochs 10" QRA_MODES="fst pam" MODES="ft fst ft-sam bti pam" bash sh/robustness_fmnist.sh
 #   RECORD_ROOT=/tmp/r DEVICE=cuda:0 bash sh/robustness_fmnist.sh
+#   # the NeurIPS 2024 comparison: every baseline, with settings a CPU finishes (FT_ARGS go to every
+#   # purification; each mode reads only its own flags)
+#   MODES="ep anp i-bau nad fp clp nc ft-sam fst bti pam" FT_ARGS="--anp_iterations 300 --nc_epochs 5" \
+#     bash sh/robustness_fmnist.sh
 #   SWEEP_ARGS=--dry_run bash sh/robustness_fmnist.sh          # list the steps, done or to do; run nothing
 #
 # Defaults are the official protocol: BTI/PAM 3 rounds x 30 epochs on 5% with the official BTI-DBF
@@ -18,6 +22,8 @@
 # on 10k images (ATTACK_ARGS). Finished steps are skipped, so a killed run is resumed by starting it
 # again; a failed step is reported at the end with its log, and the others still run (a step whose
 # input a failed step should have made is reported as blocked). Runs on `python -m utils.sweep jobs`.
+# Then the tables (the robustness table and the NeurIPS 2024 layout), the O-ASR/P-ASR figure and the
+# linear mode connectivity of each record (ANALYSES=0 skips the last three).
 # Logs: <record_root>/logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +38,8 @@ read -r -a POISON_NUMS <<<"${POISON_NUMS:-5 20}"
 read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
 read -r -a BTI_ARGS <<<"${BTI_ARGS:-}"
 read -r -a QRA_ARGS <<<"${QRA_ARGS:-}"
+read -r -a FT_ARGS <<<"${FT_ARGS:-}"
+ANALYSES=${ANALYSES:-1}
 read -r -a QRA_MODES <<<"${QRA_MODES:-${MODES[*]}}"
 PROTO=config/attack/prototype/fmnist.yaml
 COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
@@ -66,7 +74,7 @@ for attack in "${ATTACKS[@]}"; do
     case $mode in
       bti|pam) [ -f "$rec/defense/$mode/result.json" ] || unlearn+=("$mode");;
       *) job "$attack-$mode" "$rec/defense/$mode/result.json" "$rec/attack_result.pt" \
-           "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode";;
+           "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode" "${FT_ARGS[@]}";;
     esac
   done
   if [ ${#unlearn[@]} -gt 0 ]; then
@@ -74,7 +82,7 @@ for attack in "${ATTACKS[@]}"; do
     outs=$(for m in "${unlearn[@]}"; do printf '%s,' "$rec/defense/$m/result.json"; done)
     job "$attack-${joined/,/-}" "${outs%,}" "$rec/attack_result.pt" \
       "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$joined" \
-      --epochs "$UNLEARN_EPOCHS" --eval_every 10 "${BTI_ARGS[@]}"
+      --epochs "$UNLEARN_EPOCHS" --eval_every 10 "${BTI_ARGS[@]}" "${FT_ARGS[@]}"
   fi
   for mode in "${MODES[@]}"; do
     retune "$attack-$mode" "$rec/defense/$mode" "$rec/defense/$mode/model.pt" 0.1 "$mode"
@@ -96,6 +104,15 @@ run_jobs || status=$?
 tags=()
 for n in "${POISON_NUMS[@]}"; do tags+=("$(ra_tag "$n")"); done
 qra_flag=(); [ "$QRA" = 1 ] && qra_flag=(--qra)
+case " ${SWEEP_ARGS:-} " in *" --dry_run "*) exit $status;; esac  # a dry run leaves nothing to tabulate
 "$PYTHON" -m utils.robustness_table "$ROOT" --dataset fmnist --model smallcnn --attacks "${ATTACKS[@]}" \
-  --retune_tags "${tags[@]}" "${qra_flag[@]}"
+  --retune_tags "${tags[@]}" "${qra_flag[@]}" || status=$?
+if [ "$ANALYSES" = 1 ]; then
+  "$PYTHON" -m utils.results "$ROOT" --dataset fmnist --model smallcnn --pratio 0.1 --attacks "${ATTACKS[@]}" \
+    --layout 2024 || status=$?
+  "$PYTHON" -m utils.plots opasr "$ROOT" || status=$?
+  for attack in "${ATTACKS[@]}"; do
+    "$PYTHON" -m utils.lmc "$(record "$attack" 0.1)" --modes "${MODES[@]}" --device "$DEVICE" --progress false || status=$?
+  done
+fi
 exit $status

@@ -71,3 +71,15 @@ def test_job_file_is_checked_line_by_line(tmp_path):
         load_jobs(_write(tmp_path / "twice.jsonl", ok, ok))
     with pytest.raises(UserError, match="--jobs_file"):
         load_jobs(str(tmp_path / "missing.jsonl"))
+
+
+def test_robustness_recipe_runs_the_baselines_with_their_cpu_settings(tmp_path):
+    """MODES with the 2024 baselines and FT_ARGS: every purification job gets the extra flags, RA
+    follows every mode, and a dry run ends without trying to tabulate results that do not exist."""
+    lines = _dry("robustness_fmnist.sh", tmp_path, ATTACKS="badnet", MODES="ep nc fst", QRA="0",
+                 FT_ARGS="--nc_epochs 5 --anp_iterations 300")
+    by_name = {line.split("] ", 1)[1].split(":", 1)[0]: line for line in lines}
+    for mode in ("ep", "nc", "fst"):
+        assert f"--ft_mode {mode} --nc_epochs 5 --anp_iterations 300" in by_name[f"badnet-{mode}"]
+        assert f"badnet-{mode}-ra5" in by_name and f"badnet-{mode}-ra20" in by_name
+    assert not any(name.endswith("-qra") for name in by_name)
