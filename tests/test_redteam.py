@@ -103,3 +103,15 @@ def test_names_given_to_the_analysis_tools_are_not_paths(tmp_path, argv):
                           capture_output=True, text=True, timeout=120)
     assert_user_error(proc, argv[-2], argv[-1])
     assert_unchanged(before, tmp_path)
+
+
+def test_a_subset_larger_than_the_split_is_said(tmp_path, capsys):
+    """--train_subset beyond the split's size trains on all of it, and says so in one note line."""
+    from conftest import attack_argv, write_tiny_fmnist
+    from utils.victim.train import run_attack
+
+    data = write_tiny_fmnist(tmp_path / "data", n_train=40, n_test=20)
+    run_attack("badnet", attack_argv(data, tmp_path / "records", "--yaml_path", "config/attack/prototype/fmnist.yaml",
+                                     "--train_subset", str(10**15), "--test_subset", "20"))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --train_subset")]
+    assert notes == [f"note: --train_subset {10**15} is more than the 40 images of the split; using all of them"]

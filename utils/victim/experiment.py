@@ -3,6 +3,7 @@ training set and the backdoor test set; built fresh for training or rebuilt from
 from __future__ import annotations
 
 import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -229,6 +230,10 @@ def prepare_experiment(cfg: dict[str, Any], info: DatasetInfo, device: torch.dev
             raise UserError(f"{err}; {_missing_data_hint}") from None
         raise
     if fresh:
+        for key, full in (("train_subset", train_full), ("test_subset", test_full)):
+            if cfg[key] > len(full):  # said, not silently taken as "all"
+                print(f"note: --{key} {cfg[key]} is more than the {len(full)} images of the split; using all of them",
+                      file=sys.stderr)
         train_indices = subset_indices(len(train_full), cfg["train_subset"], engine.derive_seed(seed, "train-subset"))
         test_indices = subset_indices(len(test_full), cfg["test_subset"], engine.derive_seed(seed, "test-subset"))
     for name, idx, full in (("train", train_indices, train_full), ("test", test_indices, test_full)):
