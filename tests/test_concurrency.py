@@ -414,8 +414,12 @@ def test_interrupted_ft_leaves_no_stage_nor_lock(tmp_path, tiny_cifar10, badnet_
     root = tmp_path / "records"
     folder = copy_record(badnet_record, root)
     before = snapshot(root)
+    # as from a terminal: SIGINT at its default in the child. A suite started in the background (`cmd &`
+    # in a script) runs with SIGINT ignored, an ignored signal stays ignored in children, and Python then
+    # installs no KeyboardInterrupt handler: the run would rightly ignore the signal and finish its epochs.
     proc = subprocess.Popen([sys.executable, FT, *map(str, ft_args(root, tiny_cifar10, "--ft_mode", "ft", "--epochs", 500))],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not lock_path(folder / "defense" / "ft").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
