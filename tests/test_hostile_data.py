@@ -302,7 +302,7 @@ def test_fmnist_fallback_is_announced_and_recorded(tmp_path, monkeypatch, capsys
     argv = attack_argv(empty, tmp_path / "records", "--yaml_path", "config/attack/prototype/fmnist.yaml",
                        "--train_subset", "40", "--test_subset", "20")
     folder = run_attack("badnet", argv)
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: dataset")]
     assert notes == [f"note: dataset 'fmnist' not found under {empty}; reading the system copy in {system}"]
     assert yaml.safe_load((folder / CONFIG_FILE).read_text())["dataset_path"] == str(system)
     # and so does a purification of that record, given the same empty folder
