@@ -107,6 +107,21 @@ def tiny_fmnist(tmp_path_factory) -> Path:
     return write_tiny_fmnist(tmp_path_factory.mktemp("tiny-fmnist"))
 
 
+def run_in_process(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of an entry point run in this process as `python -m` runs it
+    (through run_cli), for error cases that need no subprocess."""
+    from utils.errors import run_cli
+
+    capsys.readouterr()
+    try:
+        run_cli(lambda: main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def flip_middle_byte(path: Path) -> None:
     """Damage a file in place (one byte inverted), as a disk or copy error would."""
     raw = bytearray(path.read_bytes())

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_in_process
 from tests.test_plots import _check_png, _fake_record
 from tests.test_results import add_purify, add_retune, make_record
 from utils.analysis import plots, results
-from utils.errors import run_cli
 from utils.record.layout import record_name
 from utils.robustness import table as robustness_table
 
@@ -32,14 +31,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 def _cli(main, argv, capsys) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of an entry point run as `python -m` runs it."""
-    capsys.readouterr()
-    try:
-        run_cli(lambda: main([str(a) for a in argv]))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(main, argv, capsys)
 
 
 def _assert_one_error(code: int, err: str, *fragments: str) -> None:

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 import models
-from conftest import REPO_ROOT, copy_record, flip_middle_byte
+from conftest import REPO_ROOT, copy_record, flip_middle_byte, run_in_process
 from utils import engine
 from utils.analysis import lmc, plots, results
 from utils.commands import finetune
 from utils.data.datasets import dataset_info
 from utils.defenses.purify import tuning_indices
-from utils.errors import UserError, run_cli
+from utils.errors import UserError
 from utils.record.store import load_record, save_torch
 from utils.victim.experiment import rebuild_experiment
 
@@ -233,13 +233,8 @@ def test_mistakes_are_one_error_line_and_change_nothing(purified, badnet_record,
 
 def _as_cli(main, argv, capsys) -> tuple[int, str]:
     """(exit status, stderr) of an entry point run in this process as `python -m` runs it (run_cli)."""
-    capsys.readouterr()
-    try:
-        run_cli(lambda: main([str(a) for a in argv]))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    code, _, err = run_in_process(main, argv, capsys)
+    return code, err
 
 
 def test_the_other_analysis_commands_refuse_mistakes_in_one_line(badnet_record, tmp_path, capsys):
