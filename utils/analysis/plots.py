@@ -694,6 +694,14 @@ def plot_opasr(rows: Iterable[dict[str, Any]], out_dir: str | Path, retune_tag: 
 
 # --- CLI ---------------------------------------------------------------------------------------
 
+def _add_filters(parser: argparse.ArgumentParser, modes_help: str) -> None:
+    """The selection flags the figures of a record root share."""
+    parser.add_argument("--dataset", nargs="+", help="only these datasets")
+    parser.add_argument("--model", nargs="+", help="only these models")
+    parser.add_argument("--attacks", nargs="+", help="only these attacks")
+    parser.add_argument("--modes", nargs="+", help=modes_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     p = ArgumentParser(prog="python -m utils.plots", description="PNG figures of sweep results, "
@@ -703,18 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("root", nargs="?", help="record root to collect results from (as python -m utils.results does)")
     a.add_argument("--csv", help="or: the long results CSV of python -m utils.results --csv")
     a.add_argument("--out", help="folder for the PNGs (default: <root>/figures, or figures/ beside the CSV)")
-    a.add_argument("--dataset", nargs="+", help="only these datasets")
-    a.add_argument("--model", nargs="+", help="only these models")
-    a.add_argument("--attacks", nargs="+", help="only these attacks")
-    a.add_argument("--modes", nargs="+", help="only these purification modes")
+    _add_filters(a, "only these purification modes")
     o = sub.add_parser("opasr", help="O-ASR against P-ASR (after purification vs after RA), one PNG per dataset/model")
     o.add_argument("root", help="record root to collect results from (as python -m utils.results does)")
     o.add_argument("--out", help="folder for the PNGs and JSONs (default: <root>/figures)")
     o.add_argument("--retune_tag", default="", help="which retuning results: '' = retune/ (default), p20 = retune_p20/")
-    o.add_argument("--dataset", nargs="+", help="only these datasets")
-    o.add_argument("--model", nargs="+", help="only these models")
-    o.add_argument("--attacks", nargs="+", help="only these attacks")
-    o.add_argument("--modes", nargs="+", help="only these defenses (mode or defense folder names; references always shown)")
+    _add_filters(o, "only these defenses (mode or defense folder names; references always shown)")
     o.add_argument("--pratio", nargs="+", type=float, help="only these poisoning ratios (the clean model always shown)")
     c = sub.add_parser("curves", help="training curves of a record and its purifications")
     c.add_argument("record_folder")
