@@ -182,3 +182,20 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
                            "--attacks", "badnet", "--pratios", "0.1", "--record_root", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no such file")
+
+
+def test_parallel_slots_wait_for_the_jobs_that_write_their_inputs(tmp_path):
+    """Two chains (attack -> purify) on two slots: each second stage waits for its own first stage
+    instead of being reported blocked, the free slot takes the other chain meanwhile, and a job
+    whose input nobody writes is blocked at once."""
+    first_a = fake_job(tmp_path, "a1", sleep=1)
+    first_b = fake_job(tmp_path, "b1", sleep=1)
+    jobs = [first_a, fake_job(tmp_path, "a2", requires=first_a.outputs), first_b,
+            fake_job(tmp_path, "b2", requires=first_b.outputs),
+            fake_job(tmp_path, "orphan", requires=[str(tmp_path / "nobody_writes_this")])]
+    outcomes = sweep.run_local(jobs, CPU2, echo=quiet)
+    assert [(o.job.name, o.status) for o in outcomes] == [("a1", "ok"), ("a2", "ok"), ("b1", "ok"), ("b2", "ok"),
+                                                          ("orphan", "blocked")]
+    order = runs(tmp_path)
+    assert order.index("a1") < order.index("a2") and order.index("b1") < order.index("b2")
+    assert order.index("b1") < order.index("a2")  # b1 started beside a1, not after the a chain

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -348,57 +348,88 @@ def _triage(jobs: list[Job]) -> tuple[list[Outcome], list[Job]]:
 
 
 def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> list[Outcome]:
-    """Run the unfinished jobs, one per slot at a time. A job whose inputs are missing when its turn
-    comes (an earlier stage failed) is `blocked`, not run."""
-    outcomes, todo = _triage(jobs)
+    """Run the unfinished jobs, one per slot at a time, in the list's order as far as their inputs
+    allow: a job whose `requires` another unfinished job of the list writes waits for that job (the
+    free slot takes the next job that is ready instead), so `--workers 2` runs independent chains
+    side by side. A job whose input is missing and will not come (no job of the list writes it, or
+    the job that should have failed) is `blocked`, not run. Outcomes come back in the list's order."""
+    done_before, todo = _triage(jobs)
+    index = {id(job): i for i, job in enumerate(jobs)}
+    producers: dict[str, list[Job]] = {}
+    for job in todo:
+        for out in job.outputs:
+            producers.setdefault(os.path.abspath(out), []).append(job)
+    finished: dict[int, Outcome] = {}   # id(job) -> its outcome, for the jobs of `todo`
     free = list(range(len(slots)))
     lock = threading.Lock()
-    stopping = threading.Event()
     running: dict[str, subprocess.Popen] = {}
 
-    def one(job: Job) -> Outcome:
-        if stopping.is_set():
-            return Outcome(job, "blocked", detail="sweep interrupted")
+    def waits_for(job: Job) -> tuple[list[Job], str | None]:
+        """(unfinished jobs writing a missing input, the first input that will never come)."""
+        pending = []
+        for path in job.missing_inputs():
+            writers = [w for w in producers.get(os.path.abspath(path), []) if w is not job]
+            if all(id(w) in finished for w in writers):  # none, or each ended without writing it
+                return [], path
+            pending += [w for w in writers if id(w) not in finished]
+        return pending, None
+
+    def one(job: Job, slot: int) -> Outcome:
+        device, env = slots[slot]
         if job.done():
             return Outcome(job, "skipped")
-        missing = job.missing_inputs()
-        if missing:
-            echo(f"-- {job.name}: blocked, missing {missing[0]}")
-            return Outcome(job, "blocked", detail=f"missing {missing[0]}")
-        with lock:
-            slot = free.pop()
-        device, env = slots[slot]
         echo(f"-> {job.name} on {device}{' (GPU ' + env['CUDA_VISIBLE_DEVICES'] + ')' if env.get('CUDA_VISIBLE_DEVICES') else ''}"
              f"   log: {job.log}", flush=True)
         start = time.perf_counter()
-        try:
-            rc, detail = execute(job, device, env, running)
-        finally:
-            with lock:
-                free.append(slot)
+        rc, detail = execute(job, device, env, running)
         seconds = time.perf_counter() - start
         status = _status(rc)
         echo(f"{'ok' if rc == 0 else status.upper()} {job.name} ({seconds:.0f} s){'' if rc == 0 else ': ' + detail}", flush=True)
         return Outcome(job, status, seconds, detail)
 
+    queue = list(todo)
+    active: dict = {}  # future -> (job, slot)
     pool = ThreadPoolExecutor(max_workers=len(slots))
-    futures = [pool.submit(one, job) for job in todo]
     with _sigterm_as_interrupt():
         try:
-            for f in futures:
-                outcomes.append(f.result())
+            while queue or active:
+                progressed = True
+                while progressed and queue:
+                    progressed = False
+                    for job in list(queue):
+                        pending, never = waits_for(job)
+                        if never is not None:
+                            queue.remove(job)
+                            echo(f"-- {job.name}: blocked, missing {never}")
+                            finished[id(job)] = Outcome(job, "blocked", detail=f"missing {never}")
+                            progressed = True
+                        elif not pending and free:
+                            queue.remove(job)
+                            with lock:
+                                slot = free.pop(0)
+                            active[pool.submit(one, job, slot)] = (job, slot)
+                            progressed = True
+                if not active:
+                    # nothing runs and nothing can start: the rest wait on each other (a cycle)
+                    for job in queue:
+                        finished[id(job)] = Outcome(job, "blocked", detail="its inputs depend on each other")
+                    queue.clear()
+                    break
+                done, _ = wait(list(active), return_when=FIRST_COMPLETED)
+                for future in done:
+                    job, slot = active.pop(future)
+                    with lock:
+                        free.append(slot)
+                    finished[id(job)] = future.result()
         except KeyboardInterrupt:
             # Ctrl-C or kill: stop the running jobs (their partial outputs stay staged, so the next
             # sweep redoes or resumes them) instead of waiting for them
-            stopping.set()
-            for f in futures:
-                f.cancel()
             for proc in list(running.values()):
                 _stop(proc)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     pool.shutdown()
-    return outcomes
+    return sorted(done_before + list(finished.values()), key=lambda o: index[id(o.job)])
 
 
 @contextlib.contextmanager
