@@ -15,6 +15,9 @@
 #   # purification; each mode reads only its own flags)
 #   MODES="ep anp i-bau nad fp clp nc ft-sam fst bti pam" FT_ARGS="--anp_iterations 300 --nc_epochs 5" \
 #     bash sh/robustness_fmnist.sh
+#   # ARGS_<MODE> (upper case, - as _) go to that mode only, e.g. ARGS_FP="--epochs 10" ARGS_I_BAU="--split_ratio 0.02";
+#   # LMC_ARGS to utils.lmc (e.g. "--points 5"); SWEEP_ARGS="--workers 2" runs two jobs at a time, each
+#   # waiting for the jobs that write its inputs (docs/robustness_fmnist_2024.md has the CPU recipe it ran)
 #   SWEEP_ARGS=--dry_run bash sh/robustness_fmnist.sh          # list the steps, done or to do; run nothing
 #
 # Defaults are the official protocol: BTI/PAM 3 rounds x 30 epochs on 5% with the official BTI-DBF
@@ -39,6 +42,11 @@ read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
 read -r -a BTI_ARGS <<<"${BTI_ARGS:-}"
 read -r -a QRA_ARGS <<<"${QRA_ARGS:-}"
 read -r -a FT_ARGS <<<"${FT_ARGS:-}"
+read -r -a LMC_ARGS <<<"${LMC_ARGS:-}"
+mode_args() {  # mode_args <mode>: the words of ARGS_<MODE> into MODE_ARGS
+  local var; var="ARGS_$(printf '%s' "$1" | tr 'a-z-' 'A-Z_')"
+  read -r -a MODE_ARGS <<<"${!var:-}"
+}
 ANALYSES=${ANALYSES:-1}
 read -r -a QRA_MODES <<<"${QRA_MODES:-${MODES[*]}}"
 PROTO=config/attack/prototype/fmnist.yaml
@@ -73,8 +81,10 @@ for attack in "${ATTACKS[@]}"; do
   for mode in "${MODES[@]}"; do
     case $mode in
       bti|pam) [ -f "$rec/defense/$mode/result.json" ] || unlearn+=("$mode");;
-      *) job "$attack-$mode" "$rec/defense/$mode/result.json" "$rec/attack_result.pt" \
-           "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode" "${FT_ARGS[@]}";;
+      *) mode_args "$mode"
+         job "$attack-$mode" "$rec/defense/$mode/result.json" "$rec/attack_result.pt" \
+           "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --ft_mode "$mode" "${FT_ARGS[@]}" \
+           "${MODE_ARGS[@]}";;
     esac
   done
   if [ ${#unlearn[@]} -gt 0 ]; then
@@ -112,7 +122,8 @@ if [ "$ANALYSES" = 1 ]; then
     --layout 2024 || status=$?
   "$PYTHON" -m utils.plots opasr "$ROOT" || status=$?
   for attack in "${ATTACKS[@]}"; do
-    "$PYTHON" -m utils.lmc "$(record "$attack" 0.1)" --modes "${MODES[@]}" --device "$DEVICE" --progress false || status=$?
+    "$PYTHON" -m utils.lmc "$(record "$attack" 0.1)" --modes "${MODES[@]}" --device "$DEVICE" --progress false \
+      "${LMC_ARGS[@]}" || status=$?
   done
 fi
 exit $status

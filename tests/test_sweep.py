@@ -190,7 +190,9 @@ def test_parallel_slots_wait_for_the_jobs_that_write_their_inputs(tmp_path):
     whose input nobody writes is blocked at once."""
     first_a = fake_job(tmp_path, "a1", sleep=1)
     first_b = fake_job(tmp_path, "b1", sleep=1)
-    jobs = [first_a, fake_job(tmp_path, "a2", requires=first_a.outputs), first_b,
+    beside = str(tmp_path / "out" / "model_of_a1.pt")  # in a1's output folder, as a model.pt beside result.json
+    first_a.argv[-1] += f"; pathlib.Path({beside!r}).write_text('m')"
+    jobs = [first_a, fake_job(tmp_path, "a2", requires=[beside]), first_b,
             fake_job(tmp_path, "b2", requires=first_b.outputs),
             fake_job(tmp_path, "orphan", requires=[str(tmp_path / "nobody_writes_this")])]
     outcomes = sweep.run_local(jobs, CPU2, echo=quiet)

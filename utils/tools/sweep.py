@@ -349,16 +349,19 @@ def _triage(jobs: list[Job]) -> tuple[list[Outcome], list[Job]]:
 
 def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> list[Outcome]:
     """Run the unfinished jobs, one per slot at a time, in the list's order as far as their inputs
-    allow: a job whose `requires` another unfinished job of the list writes waits for that job (the
-    free slot takes the next job that is ready instead), so `--workers 2` runs independent chains
-    side by side. A job whose input is missing and will not come (no job of the list writes it, or
+    allow: a job whose `requires` another unfinished job of the list writes (one of its outputs, or a
+    file in the folder of one) waits for that job (the free slot takes the next job that is ready
+    instead), so `--workers 2` runs independent chains side by side. A job whose input is missing and will not come (no job of the list writes it, or
     the job that should have failed) is `blocked`, not run. Outcomes come back in the list's order."""
     done_before, todo = _triage(jobs)
     index = {id(job): i for i, job in enumerate(jobs)}
+    # who writes what: a job's outputs, and (as a job writes its output folder whole, e.g. a
+    # purification's result.json with its model.pt) any other file of the folders they are in
     producers: dict[str, list[Job]] = {}
     for job in todo:
         for out in job.outputs:
-            producers.setdefault(os.path.abspath(out), []).append(job)
+            for key in {os.path.abspath(out), os.path.dirname(os.path.abspath(out)) + os.sep}:
+                producers.setdefault(key, []).append(job)
     finished: dict[int, Outcome] = {}   # id(job) -> its outcome, for the jobs of `todo`
     free = list(range(len(slots)))
     lock = threading.Lock()
@@ -368,7 +371,9 @@ def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> lis
         """(unfinished jobs writing a missing input, the first input that will never come)."""
         pending = []
         for path in job.missing_inputs():
-            writers = [w for w in producers.get(os.path.abspath(path), []) if w is not job]
+            path = os.path.abspath(path)
+            writers = producers.get(path) or producers.get(os.path.dirname(path) + os.sep, [])
+            writers = [w for w in writers if w is not job]
             if all(id(w) in finished for w in writers):  # none, or each ended without writing it
                 return [], path
             pending += [w for w in writers if id(w) not in finished]
