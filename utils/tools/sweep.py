@@ -350,9 +350,10 @@ def _triage(jobs: list[Job]) -> tuple[list[Outcome], list[Job]]:
 def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> list[Outcome]:
     """Run the unfinished jobs, one per slot at a time, in the list's order as far as their inputs
     allow: a job whose `requires` another unfinished job of the list writes (one of its outputs, or a
-    file in the folder of one) waits for that job (the free slot takes the next job that is ready
-    instead), so `--workers 2` runs independent chains side by side. A job whose input is missing and will not come (no job of the list writes it, or
-    the job that should have failed) is `blocked`, not run. Outcomes come back in the list's order."""
+    file in the folder of one) waits for that job, and the free slot takes the next ready job, so
+    `--workers 2` runs independent chains side by side. A job whose input is missing and will not
+    come (no job of the list writes it, or its writer ended without it) is `blocked`, not run.
+    Outcomes come back in the list's order. Only this thread schedules; the pool runs the jobs."""
     done_before, todo = _triage(jobs)
     index = {id(job): i for i, job in enumerate(jobs)}
     # who writes what: a job's outputs, and (as a job writes its output folder whole, e.g. a
@@ -364,7 +365,6 @@ def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> lis
                 producers.setdefault(key, []).append(job)
     finished: dict[int, Outcome] = {}   # id(job) -> its outcome, for the jobs of `todo`
     free = list(range(len(slots)))
-    lock = threading.Lock()
     running: dict[str, subprocess.Popen] = {}
 
     def waits_for(job: Job) -> tuple[list[Job], str | None]:
@@ -410,8 +410,7 @@ def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> lis
                             progressed = True
                         elif not pending and free:
                             queue.remove(job)
-                            with lock:
-                                slot = free.pop(0)
+                            slot = free.pop(0)
                             active[pool.submit(one, job, slot)] = (job, slot)
                             progressed = True
                 if not active:
@@ -423,8 +422,7 @@ def run_local(jobs: list[Job], slots: list[tuple[str, dict]], echo=print) -> lis
                 done, _ = wait(list(active), return_when=FIRST_COMPLETED)
                 for future in done:
                     job, slot = active.pop(future)
-                    with lock:
-                        free.append(slot)
+                    free.append(slot)
                     finished[id(job)] = future.result()
         except KeyboardInterrupt:
             # Ctrl-C or kill: stop the running jobs (their partial outputs stay staged, so the next
