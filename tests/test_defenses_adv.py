@@ -298,13 +298,17 @@ def test_fixed_point_hypergradient_matches_the_analytic_implicit_gradient():
 
 # ---------------------------------------------------------------- end to end
 
-def test_anp_and_ibau_run_end_to_end_through_ft_py(badnet_record, tiny_cifar10, tmp_path):
+def test_anp_and_ibau_run_end_to_end_through_ft_py(badnet_record, tiny_cifar10, tmp_path, capsys):
     folder = copy_record(badnet_record, tmp_path)
     record = torch.load(folder / "attack_result.pt", weights_only=True)
     results = finetune.main([*BASE, "--dataset_path", str(tiny_cifar10), "--record_root", str(tmp_path),
                              "--ft_mode", "anp,i-bau", "--epochs", "1", "--split_ratio", "0.2", "--batch_size", "30",
                              "--anp_iterations", "2", "--ibau_K", "2", "--ibau_portion", "0.5"])
     assert set(results) == {"anp", "i-bau"}
+    # the start line says what ANP runs instead of tuning epochs
+    out_text = capsys.readouterr().out
+    assert "[anp] tuning on" in out_text and "2 mask iterations" in out_text and "--epochs is not used" in out_text
+    assert "[i-bau] tuning on" in out_text
     plain = lambda: models.build_model("smallcnn", 10, 3, 32)  # noqa: E731
     # ANP: the plain architecture with the reported channels' BN weights zeroed, the rest untouched
     out = folder / "defense" / "anp"

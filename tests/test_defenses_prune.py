@@ -218,13 +218,15 @@ def test_ep_training_set_adds_the_poisoned_samples_with_their_true_labels():
 
 # --- end to end through ft.py ----------------------------------------------------------------------
 
-def test_ep_fp_clp_run_end_to_end(badnet_record, tiny_cifar10, tmp_path):
+def test_ep_fp_clp_run_end_to_end(badnet_record, tiny_cifar10, tmp_path, capsys):
     folder = copy_record(badnet_record, tmp_path)
     results = finetune.main(["--dataset", "cifar10", "--dataset_path", str(tiny_cifar10), "--model", "smallcnn",
                              "--record_root", str(tmp_path), "--attack", "badnet", "--device", "cpu",
                              "--ft_mode", "ep,fp,clp", "--epochs", "1", "--split_ratio", "0.2", "--progress", "false",
                              "--fp_once_prune_ratio", "0.25", "--fp_acc_data", "tuning", "--fp_acc_ratio", "1"])
     assert set(results) == {"ep", "fp", "clp"}
+    out_text = capsys.readouterr().out
+    assert "data-free pruning at u = 3.0" in out_text and "1 epochs, lr" in out_text.split("[fp] tuning on")[1]
     record = torch.load(folder / "attack_result.pt", weights_only=True)
     out = {m: folder / "defense" / m for m in results}
     res = {m: json.loads((out[m] / "result.json").read_text()) for m in results}

@@ -174,6 +174,7 @@ def _cases(base: Path, real: bool = True) -> list[Case]:
     attack("yaml-deep", ["--bd_yaml_path", str(deep)], "nested too deeply")
     attack("yaml-long-key", ["--bd_yaml_path", str(long_key)], "unknown key(s) xxxx")
     attack("yaml-is-a-folder", ["--bd_yaml_path", str(folder_yaml)], "is a folder, not a file")
+    attack("yaml-is-a-device", ["--bd_yaml_path", "/dev/zero"], "'/dev/zero' is not a regular file")
     attack("yaml-missing", ["--bd_yaml_path", str(yamls / "none.yaml")], "attack YAML")
     record_cmd("ft-yaml-billion-laughs", FT, ["--yaml_path", str(laughs)], "anchors and aliases")
     # --- ft.py ------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def test_cli(sweep, tmp_path, capsys):
     assert "FST [x]" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         results.main([str(sweep), "--dataset", "cifar10"])
-    assert exc.value.code == 1 and "no results under" in capsys.readouterr().err
+    assert exc.value.code == 1 and "error: no results under" in capsys.readouterr().err
     with pytest.raises(UserError):
         results.main([str(tmp_path / "missing")])
 

@@ -233,6 +233,8 @@ def resolve_path(given: str | Path, script_dir: Path | None = None, what: str = 
             return cand
     if given.is_dir():
         raise UserError(f"{what} {short(str(given))} is a folder, not a file")
+    if given.exists():  # a device, FIFO or socket: reading it would block or never end
+        raise UserError(f"{what} {short(str(given))} is not a regular file")
     raise UserError(cut(f"{what} {short(str(given))} not found (looked in: {', '.join(str(c) for c in _unique(candidates))})", 600))
 
 

@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if not rows:
         flags = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                          for k, v in vars(args).items() if k in ("dataset", "model", "pratio", "attacks", "modes", "tag") and v)
-        print(f"no results under {args.root} matching {flags or 'the default filter (untagged results)'}", file=sys.stderr)
+        print(f"error: no results under {args.root} matching {flags or 'the default filter (untagged results)'}", file=sys.stderr)
         raise SystemExit(1)
     for warning in repeated_replicates(rows):
         print(f"warning: {warning}", file=sys.stderr)

@@ -198,9 +198,10 @@ def _purify_mode(name: str, args, rt, model, before: dict, shared: dict, record:
     tune_idx = tuning_set(exp.clean_train.labels, margs)
     tune_images = exp.clean_train.images[tune_idx].to(rt.device)
     tune_labels = exp.clean_train.labels[tune_idx].to(rt.device)
+    plan = ALL_MODES[name].plan
     print(f"[{name}] tuning on {len(tune_idx)} clean images ({margs.split_mode}, split_ratio {margs.split_ratio}), "
-          f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")
-          + f", lr {margs.lr}, momentum {margs.momentum}", flush=True)
+          + (plan(margs) if plan else f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")
+             + f", lr {margs.lr}, momentum {margs.momentum}"), flush=True)
     log = io.StringIO()
     tee = _Tee(sys.stdout, log) if args.log else sys.stdout
     start = time.perf_counter()

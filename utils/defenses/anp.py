@@ -229,4 +229,6 @@ def anp_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, list
 
 register_mode(Mode("anp", "ANP", False, "all", False, "adversarial neuron pruning: BN-channel masks learnt against "
                    "adversarial neuron perturbations, low masks pruned", algorithm=anp_algorithm, options=ANP_OPTIONS,
+                   plan=lambda a: (f"{a.anp_iterations} mask iterations (eps {a.anp_eps}), lr {a.lr}, "
+                                   f"then pruning by {a.anp_prune_by} {a.anp_prune_value}; --epochs is not used"),
                    defaults=(("split_ratio", 0.05), ("lr", 0.2), ("batch_size", 256), ("momentum", 0.9))))

@@ -89,4 +89,5 @@ CLP_OPTIONS = (
 register_mode(Mode("clp", "CLP", False, "all", False,
                    "channel Lipschitzness pruning (Zheng et al. 2022): data-free, zeroes the BatchNorm scale and shift of "
                    "channels whose Lipschitz upper bound is an outlier of their layer (UCLC > mean + u std); no fine-tuning",
-                   algorithm=_clp, options=CLP_OPTIONS))
+                   algorithm=_clp, options=CLP_OPTIONS,
+                   plan=lambda a: f"data-free pruning at u = {a.clp_u}: the tuning set is not used, nor --epochs"))

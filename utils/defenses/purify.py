@@ -65,6 +65,9 @@ class Mode:
     algorithm: Callable | None = None
     #: the algorithm needs the record's poisoned training samples with their true labels (`Tuning.poisoned`)
     needs_poisoned: bool = False
+    #: what a run of the mode does, for ft.py's start line, from the mode's resolved settings; None
+    #: means "tuning on N images, E epochs, lr, momentum", right for every mode that runs the loop
+    plan: Callable | None = None
 
 
 @dataclass

@@ -113,6 +113,7 @@ class Resource:
     key: dict[str, Any]
     root: Path
     info: dict[str, Any] = field(default_factory=dict)
+    _warned: set = field(default_factory=set, repr=False, compare=False)
 
     @property
     def key_digest(self) -> str:
@@ -124,6 +125,13 @@ class Resource:
         label = f"{k.get('dataset', 'data')}-{k.get('image_size', 0)}px-seed{k.get('seed', 0)}"
         return Path(self.root) / self.kind / f"{label}-{self.key_digest[:12]}"
 
+    def _warn(self, message: str) -> None:
+        """A cache problem, said once per resource: `get` looks at the cache again after taking the
+        lock, and the same broken file must not be reported twice."""
+        if message not in self._warned:
+            self._warned.add(message)
+            print(f"warning: {message}", file=sys.stderr)
+
     def _load_cached(self) -> dict[str, Any] | None:
         meta_path, data_path = self.folder / META_FILE, self.folder / RESOURCE_FILE
         if not meta_path.exists() or not data_path.exists():
@@ -133,21 +141,18 @@ class Resource:
         except (OSError, ValueError):
             meta = None
         if not isinstance(meta, dict):
-            print(f"warning: {meta_path} is unreadable or not a JSON object; rebuilding the {self.kind} resource",
-                  file=sys.stderr)
+            self._warn(f"{meta_path} is unreadable or not a JSON object; rebuilding the {self.kind} resource")
             return None
         if meta.get("key") != json.loads(json.dumps({"kind": self.kind, **self.key}, default=str)):
-            print(f"warning: {self.folder} holds a {self.kind} resource for other settings; rebuilding it",
-                  file=sys.stderr)
+            self._warn(f"{self.folder} holds a {self.kind} resource for other settings; rebuilding it")
             return None
         if meta.get("sha256") != file_sha256(data_path):
-            print(f"warning: {data_path} does not match its checksum (corrupt or edited); rebuilding it",
-                  file=sys.stderr)
+            self._warn(f"{data_path} does not match its checksum (corrupt or edited); rebuilding it")
             return None
         try:
             payload = load_torch_file(data_path, f"{self.kind} resource")
         except UserError as err:
-            print(f"warning: {err}; rebuilding it", file=sys.stderr)
+            self._warn(f"{err}; rebuilding it")
             return None
         self.info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
         return payload
