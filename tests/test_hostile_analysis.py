@@ -123,6 +123,15 @@ def test_curves_refuses_bad_victim_metrics(tmp_path, capsys, kind, message):
     assert _snapshot(tmp_path) == before and not (record / "figures").exists()
 
 
+def test_curves_warns_of_a_metric_column_without_numbers(tmp_path, capsys):
+    record = _fake_record(tmp_path / "rec")
+    ft = record / "defense" / "ft" / "metrics.csv"
+    ft.write_text("epoch,clean_acc,asr,ra\n1,0.9,junk,0.1\n2,0.91,,0.2\n")
+    code, out, err = _cli(plots.main, ["curves", record, "--out", tmp_path / "c.png"], capsys)
+    assert code == 0 and (tmp_path / "c.png").is_file()
+    assert err.strip().splitlines() == [f"warning: {ft}: no number in the asr column; the asr panel leaves this run out"]
+
+
 def test_curves_refuses_bad_purification_files(tmp_path, capsys):
     record = _fake_record(tmp_path / "rec")
     ft = record / "defense" / "ft"

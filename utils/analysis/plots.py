@@ -359,8 +359,11 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     if not have:
         raise UserError(f"{path} has none of the columns {', '.join(k for k, _ in METRICS)}: not a {METRICS_FILE} of "
                         f"attack/*.py or fine_tune/ft.py")
-    if not any(_points(rows, key)[0] for key in have):
+    empty = [key for key in have if not _points(rows, key)[0]]
+    if len(empty) == len(have):
         raise UserError(f"{path} has no evaluated epoch (every {'/'.join(have)} cell is empty or not a number)")
+    for key in empty:  # a panel without this run's line must not look like a run that was never made
+        print(f"warning: {path}: no number in the {key} column; the {key} panel leaves this run out", file=sys.stderr)
     return rows
 
 
