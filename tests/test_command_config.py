@@ -99,3 +99,22 @@ def test_mode_settings_come_from_the_mode_registry():
 def test_ranges_are_checked_by_the_schema(module, flag, value, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         module.parse_args([*RECORD, flag, value])
+
+
+def test_tiny_imagenet_gets_backdoorbenchs_tiny_settings_and_flags_still_win():
+    """BackdoorBench's config/defense/<method>/tiny.yaml where it differs from cifar10.yaml."""
+    def settle(dataset, mode, *extra):
+        return finetune.mode_args(finetune.parse_args(["--dataset", dataset, "--attack", "badnet", "--model", "smallcnn",
+                                                       *extra]), mode)
+    for mode in ("fp", "nc"):
+        cifar, tiny = settle("cifar10", mode), settle("tiny", mode)
+        assert (cifar.epochs, cifar.lr_schedule) == (100, None)  # None: the phase's own (cosine)
+        assert (tiny.epochs, tiny.lr_schedule) == (200, "plateau")
+        assert finetune.settings_for(tiny).schedule == "plateau" and finetune.settings_for(cifar).schedule == ""
+        assert settle("tiny", mode, "--lr_schedule", "cosine", "--epochs", "20").lr_schedule == "cosine"
+    assert settle("cifar10", "nad").batch_size == 256 and settle("tiny", "nad").batch_size == 128
+    assert settle("gtsrb", "clp").clp_u == 3.0 and settle("tiny", "clp").clp_u == 5.0
+    assert settle("tiny", "clp", "--clp_u", "4").clp_u == 4.0
+    assert finetune.settings_for(settle("tiny", "clp")).extra["clp_u"] == 5.0
+    # the FST modes keep the dataset table of the paper
+    assert (settle("tiny", "fst").epochs, settle("tiny", "fst").lr_schedule) == (15, None)

@@ -325,6 +325,33 @@ def test_evaluate_runs_once_per_epoch_and_rows_are_complete():
     assert rows[0]["lr"] > rows[1]["lr"] > rows[2]["lr"] > 0
 
 
+@pytest.mark.parametrize("losses, reduced_at", [([1.0] * 13, 13), ([1.0 / e for e in range(1, 14)], None)])
+def test_plateau_schedule_cuts_the_lr_after_ten_epochs_without_a_lower_training_loss(monkeypatch, losses, reduced_at):
+    # torch's ReduceLROnPlateau defaults (x0.1, patience 10) stepped on each epoch's mean training
+    # loss: a flat loss cuts the lr at epoch 13 (epoch 1 sets the best, 2-12 are 11 bad epochs);
+    # a falling loss never does
+    model, images, labels = _small_setup()
+    fed = iter(losses)
+    monkeypatch.setattr(engine, "train_epoch", lambda *a, **k: {"train_loss": next(fed), "train_acc": 0.5})
+    _, rows = purify(model, get_mode("ft"), images, labels, _pipeline(16),
+                     PurifySettings(epochs=13, lr=0.01, alpha=0.0, batch_size=8, progress=False, schedule="plateau",
+                                    eval_every=13), FakeEvaluate())
+    lrs = [r["lr"] for r in rows]
+    if reduced_at is None:
+        assert lrs == [0.01] * 13
+    else:
+        assert lrs[: reduced_at - 1] == [0.01] * (reduced_at - 1) and lrs[reduced_at - 1] == pytest.approx(0.001)
+    # "constant" overrides the mode's cosine; an unknown name is refused
+    fed = iter([1.0] * 3)
+    _, rows = purify(model, get_mode("ft"), images, labels, _pipeline(16),
+                     PurifySettings(epochs=3, lr=0.01, alpha=0.0, batch_size=8, progress=False, schedule="constant"),
+                     FakeEvaluate())
+    assert [r["lr"] for r in rows] == [0.01] * 3
+    with pytest.raises(ValueError, match="unknown schedule"):
+        purify(model, get_mode("ft"), images, labels, _pipeline(16),
+               PurifySettings(epochs=1, lr=0.01, alpha=0.0, progress=False, schedule="step"), FakeEvaluate())
+
+
 def test_same_seed_same_result_other_seed_other_result():
     model, images, labels = _small_setup()
     a, _ = _small_run("fst", model, images, labels, seed=11)

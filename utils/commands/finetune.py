@@ -14,7 +14,7 @@ import models
 from utils import engine
 from utils.config import Option, dotted_name, non_negative, parse_bool, parse_optional_float, positive, seed, within
 from utils.attacks.poison import LABEL_TRANS
-from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, PoisonedSamples, PurifySettings, der,
+from utils.defenses.purify import (ALL_MODES, DATASET_DEFAULTS, MODES, NORM_PROJ, SCHEDULES, PoisonedSamples, PurifySettings, der,
                                    parse_modes, purify, tuning_indices)
 from utils.record.resources import tensor_digest
 from utils.commands.driver import aborting, check_record_args, check_record_matches, check_tag, finish_run, parse_record_command, record_label, record_options, run_arguments, run_options, stage, start_runtime
@@ -49,6 +49,10 @@ def options() -> list[Option]:
         Option("batch_size", int, None, 'tuning batch size (default 128; ft-sam backdoorbench preset 256)', check=positive),
         Option("wd", float, None, 'weight decay of the tuning optimiser (default 0; ft-sam backdoorbench preset 5e-4)', check=non_negative),
         Option("lr", float, None, f'tuning learning rate (default per dataset: {_per_dataset(1)}; bti 1e-4, pam 0.01)', check=positive),
+        Option("lr_schedule", str, None, "per-epoch learning-rate schedule: cosine over the epochs, constant, or plateau "
+               "(ReduceLROnPlateau on the epoch's mean training loss, as BackdoorBench's Tiny-ImageNet configs), for the modes "
+               "that fine-tune (default: each phase's own: cosine; constant for bti, pam and both NAD phases; plateau for fp "
+               "and nc on tiny)", choices=SCHEDULES),
         Option("momentum", float, None, 'SGD momentum (default 0.9; bti/pam 0.1)', check=within(0, 1, high_open=True)),
         Option("random_seed", int, 0, 'seed of the tuning subset, head init and batch order (default 0)', check=seed),
         Option("split_ratio", float, None, f'fraction of the clean training set used for tuning (default per dataset: {_per_dataset(0)}; bti/pam 0.05)', check=within(0, 1, low_open=True)),
@@ -70,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_record_command(options(), argv, DESCRIPTION)
 
 
-_TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth", "batch_size", "wd", "batch_cosine_tmax")
+_TUNING_KEYS = ("split_ratio", "epochs", "lr", "alpha", "momentum", "lb_smooth", "batch_size", "wd", "batch_cosine_tmax",
+                "lr_schedule")
 
 
 def _backdoorbench_ft_sam(num_classes: int) -> dict:
@@ -99,12 +104,16 @@ def mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
     given = {k: getattr(args, k, None) for k in _TUNING_KEYS}  # batch_cosine_tmax has no flag
     split, lr, epochs, alpha = DATASET_DEFAULTS[args.dataset]
     filled = {"split_ratio": split, "lr": lr, "epochs": epochs, "alpha": alpha, "momentum": 0.9, "lb_smooth": None,
-              "batch_size": 128, "wd": 0.0, "batch_cosine_tmax": 0}
+              "batch_size": 128, "wd": 0.0, "batch_cosine_tmax": 0, "lr_schedule": None}
     filled.update(dict(ALL_MODES[mode].defaults))
     if mode == "ft-sam" and args.ft_sam_preset == "backdoorbench":
         filled.update(_backdoorbench_ft_sam(dataset_info(args.dataset).num_classes))
+    filled.update(dict(dict(ALL_MODES[mode].dataset_defaults).get(args.dataset, ())))
     for key in _TUNING_KEYS:
         setattr(out, key, given[key] if given[key] is not None else filled[key])
+    for option in ALL_MODES[mode].options:  # a mode's own option with a per-dataset default has default None
+        if getattr(out, option.name, None) is None and option.name in filled:
+            setattr(out, option.name, filled[option.name])
     return out
 
 
@@ -121,6 +130,7 @@ def settings_for(args: argparse.Namespace, shared: dict | None = None) -> Purify
                           seed=args.random_seed, progress=args.progress)
     return PurifySettings(epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size,
                           momentum=args.momentum, weight_decay=args.wd, batch_cosine_tmax=args.batch_cosine_tmax,
+                          schedule=args.lr_schedule or "",
                           label_smoothing=args.lb_smooth or 0.0, norm_proj=args.norm_proj,
                           frozen_bn_eval=args.frozen_bn, seed=args.random_seed, linear_name=args.linear_name,
                           progress=args.progress, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,

@@ -82,12 +82,14 @@ def _clp(model: nn.Module, mode: Mode, tuning):
 
 
 CLP_OPTIONS = (
-    Option("clp_u", float, 3.0, "clp: prune channels whose channel Lipschitz bound exceeds mean + u * std of their layer "
-           "(default 3, BackdoorBench's CIFAR-10/GTSRB/CIFAR-100 setting; its Tiny-ImageNet setting is 5)", check=non_negative),
+    Option("clp_u", float, None, "clp: prune channels whose channel Lipschitz bound exceeds mean + u * std of their layer "
+           "(default per dataset as BackdoorBench: 3 on CIFAR-10/GTSRB/CIFAR-100 and the others, 5 on Tiny-ImageNet)",
+           check=non_negative),
 )
 
 register_mode(Mode("clp", "CLP", False, "all", False,
                    "channel Lipschitzness pruning (Zheng et al. 2022): data-free, zeroes the BatchNorm scale and shift of "
                    "channels whose Lipschitz upper bound is an outlier of their layer (UCLC > mean + u std); no fine-tuning",
-                   algorithm=_clp, options=CLP_OPTIONS,
+                   algorithm=_clp, options=CLP_OPTIONS, defaults=(("clp_u", 3.0),),
+                   dataset_defaults=(("tiny", (("clp_u", 5.0),)),),
                    plan=lambda a: f"data-free pruning at u = {a.clp_u}: the tuning set is not used, nor --epochs"))

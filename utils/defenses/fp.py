@@ -185,11 +185,12 @@ def _fp(model: nn.Module, mode: Mode, tuning):
     return tuned, rows
 
 
-#: BackdoorBench's config/defense/fp/cifar10.yaml (the same for GTSRB and CIFAR-100; Tiny-ImageNet: 200
-#: epochs with ReduceLROnPlateau, not reproduced): 5% clean split, 100 epochs, batch 256, SGD 0.01,
-#: momentum 0.9, wd 5e-4, cosine
+#: BackdoorBench's config/defense/fp/cifar10.yaml (the same for GTSRB and CIFAR-100): 5% clean split,
+#: 100 epochs, batch 256, SGD 0.01, momentum 0.9, wd 5e-4, cosine; its tiny.yaml: 200 epochs with
+#: ReduceLROnPlateau
 FP_DEFAULTS = (("split_ratio", 0.05), ("epochs", 100), ("batch_size", 256), ("lr", 0.01), ("momentum", 0.9),
                ("wd", 5e-4))
+FP_DATASET_DEFAULTS = (("tiny", (("epochs", 200), ("lr_schedule", "plateau"))),)
 FP_OPTIONS = (
     Option("fp_acc_ratio", float, 0.1, "fp: largest relative drop of clean accuracy the pruning may cause "
            "(default 0.1, BackdoorBench's acc_ratio)", check=within(0, 1)),
@@ -203,4 +204,4 @@ FP_OPTIONS = (
 register_mode(Mode("fp", "FP", False, "all", False,
                    "fine-pruning (Liu et al. 2018): prune the least active last-stage channels while clean accuracy "
                    "stays within the margin, then fine-tune with them held at zero",
-                   algorithm=_fp, defaults=FP_DEFAULTS, options=FP_OPTIONS))
+                   algorithm=_fp, defaults=FP_DEFAULTS, dataset_defaults=FP_DATASET_DEFAULTS, options=FP_OPTIONS))

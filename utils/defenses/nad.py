@@ -109,6 +109,9 @@ def distill(model: nn.Module, teacher: nn.Module, tuning, betas: list[float], p:
 
 register_mode(Mode("nad", "NAD", False, "all", False,
                    "neural attention distillation: a fine-tuned teacher's attention maps guide the fine-tuning (NAD)",
-                   algorithm=nad, options=OPTIONS,
+                   algorithm=nad, options=OPTIONS, schedule="constant",
                    defaults=(("split_ratio", 0.05), ("epochs", 10), ("lr", 0.01), ("batch_size", 256), ("wd", 5e-4),
-                             ("momentum", 0.9))))
+                             ("momentum", 0.9)),
+                   # BackdoorBench's config/defense/nad/tiny.yaml: batch 128 (its 200 epochs and
+                   # ReduceLROnPlateau do not reach NAD, whose two phases run te_epochs at a constant lr)
+                   dataset_defaults=(("tiny", (("batch_size", 128),)),)))

@@ -202,4 +202,6 @@ register_mode(Mode("nc", "NC", False, "all", False,
                    "Neural Cleanse: reverse a trigger per class, flag MAD outliers, unlearn their triggers (NC)",
                    algorithm=neural_cleanse, options=OPTIONS,
                    defaults=(("split_ratio", 0.05), ("epochs", 100), ("lr", 0.01), ("batch_size", 256), ("wd", 5e-4),
-                             ("momentum", 0.9))))
+                             ("momentum", 0.9)),
+                   # BackdoorBench's config/defense/nc/tiny.yaml: 200 unlearning epochs with ReduceLROnPlateau
+                   dataset_defaults=(("tiny", (("epochs", 200), ("lr_schedule", "plateau"))),)))

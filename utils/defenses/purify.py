@@ -53,8 +53,11 @@ class Mode:
     unlearn: bool = False  # BTI-DBF unlearning (synthesised trigger images with their true labels)
     feature_mse: bool = False  # BTI-DBF(U): + MSE between the feature maps of the clean and the mixed batch
     optimizer: str = "sgd"  # "sgd" (momentum from the settings) or "adam"
-    schedule: str = "cosine"  # "cosine" over the epochs, or "constant"
+    schedule: str = "cosine"  # "cosine" over the epochs, "constant", or "plateau" (see PurifySettings.schedule)
     defaults: tuple = ()  # (option, value) pairs that replace the per-dataset defaults for this mode
+    #: (dataset, ((option, value), ...)) pairs over `defaults` for one data set, where the published
+    #: settings of the method differ by data set (BackdoorBench's config/defense/<method>/tiny.yaml)
+    dataset_defaults: tuple = ()
     options: tuple = ()  # the mode's own settings (flags of ft.py, keys of its YAML)
     #: a defense that is not a variant of the fine-tuning loop above (pruning, trigger reversal,
     #: distillation, ...): `algorithm(model, mode, tuning) -> (purified model, rows)`, given a copy of
@@ -256,6 +259,10 @@ def reinit_linear(layer: nn.Linear, seed: int) -> None:
             layer.bias.copy_(torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=gen))
 
 
+#: the per-epoch learning-rate schedules of the tuning loop (`PurifySettings.schedule`)
+SCHEDULES = ("cosine", "constant", "plateau")
+
+
 @dataclass
 class PurifySettings:
     epochs: int
@@ -267,6 +274,11 @@ class PurifySettings:
     # > 0: cosine annealing stepped after every batch with this period (BackdoorBench FT-SAM's
     # CosineAnnealingLR(T_max=100) stepped per batch) instead of the mode's per-epoch schedule
     batch_cosine_tmax: int = 0
+    # the per-epoch learning-rate schedule: "" the mode's own, else "cosine" (over the epochs),
+    # "constant", or "plateau": torch's ReduceLROnPlateau with its defaults (x0.1 after 10 epochs
+    # without a lower mean training loss), stepped on each epoch's mean training loss, which is how
+    # BackdoorBench's trainer runs the ReduceLROnPlateau of its Tiny-ImageNet defense configs
+    schedule: str = ""
     label_smoothing: float = 0.0
     norm_proj: str = "all"
     frozen_bn_eval: bool = False
@@ -335,7 +347,11 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
     else:
         optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     total_epochs = settings.epochs * (settings.rounds if mode.unlearn else 1)
-    scheduler = engine.cosine_scheduler(optimizer, total_epochs) if mode.schedule == "cosine" else None
+    schedule = settings.schedule or mode.schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; one of {', '.join(SCHEDULES)}")
+    scheduler = (engine.cosine_scheduler(optimizer, total_epochs) if schedule == "cosine"
+                 else torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer) if schedule == "plateau" else None)
     batch_scheduler = None
     if settings.batch_cosine_tmax > 0:
         scheduler = None
@@ -402,7 +418,7 @@ def purify(model: nn.Module, mode: Mode, images: torch.Tensor, labels: torch.Ten
                                    after_step, amp, desc="tune", progress=settings.progress, set_train_mode=train_mode,
                                    before_step=shift.restore if shift is not None else None)
         if scheduler is not None:
-            scheduler.step()
+            scheduler.step(stats["train_loss"]) if schedule == "plateau" else scheduler.step()
         if epoch % settings.eval_every == 0 or epoch == total_epochs:
             metrics = evaluate(model)
         else:
