@@ -332,3 +332,20 @@ def test_robustness_table_shows_each_retuning_tag_and_the_qra_columns(tmp_path):
            "QRA ASR on clean model |" in lines
     assert "| PAM | 90.00 | 2.00 | 89.00 | 10.00 | 88.00 | 40.00 | 30.00 | 5.00 |" in lines
     assert "| clean model | 91.00 | 1.00 | 90.00 | 3.00 | - | - | - | - |" in lines
+
+
+def test_robustness_table_adds_every_mode_that_ran_and_takes_modes(tmp_path, capsys):
+    rec = tmp_path / "fmnist" / "badnet" / "pratio_0.1-target_0-archi_smallcnn"
+    m = {"clean_acc": 0.8, "asr": 0.5, "ra": 0.1}
+    for mode in ("nc", "pam"):
+        (rec / "defense" / mode).mkdir(parents=True)
+        (rec / "defense" / mode / "result.json").write_text(json.dumps({"after": m}))
+    labels = lambda table: [line.split("|")[1].strip() for line in table.splitlines()  # noqa: E731
+                            if line.startswith("| ") and not line.startswith("| model")]
+    table = robustness_table.markdown(tmp_path, "fmnist", "smallcnn", ["badnet"])
+    assert labels(table) == ["clean model", "no defense", "FT", "FST", "FT-SAM", "BTI", "PAM", "NC"]
+    assert "| NC | 80.00 | 50.00 | - | - |" in table.splitlines()
+    table = robustness_table.main([str(tmp_path), "--attacks", "badnet", "--modes", "nc,pam"])
+    assert labels(table) == ["clean model", "no defense", "NC", "PAM"]
+    with pytest.raises(UserError, match="--modes 'nope': not a purification mode"):
+        robustness_table.main([str(tmp_path), "--attacks", "badnet", "--modes", "nope"])

@@ -1,6 +1,7 @@
 """The post-purification robustness table (the NeurIPS 2024 paper's layout): for each attack, C-Acc
 and ASR after purification and after the retuning attack, one row per model: the clean model
-(pratio-0 record), the unpurified backdoored model, and each purification mode.
+(pratio-0 record), the unpurified backdoored model, and each purification mode: the paper's FT, FST,
+FT-SAM, BTI and PAM always, every other mode (EP, ANP, NC, ...) that has a result, or `--modes`.
 
     python -m utils.robustness_table record/robustness_fmnist --dataset fmnist --model smallcnn --attacks badnet blended \
         --retune_tags '' p20 --qra
@@ -28,9 +29,23 @@ from utils.errors import UserError, run_cli
 from utils.record.layout import CONFIG_FILE, RESULT_FILE, defense_folder, existing_records, qra_folder, record_path, retune_folder
 from utils.record.recipe import differing_settings, recipe_label, recipe_part, recipe_text
 
-#: the rows of the NeurIPS 2024 table: the clean model, the unpurified one, then these modes (titles from the registry)
+#: the rows of the NeurIPS 2024 table: the clean model, the unpurified one, then these modes (titles
+#: from the registry), always shown; any other mode with a result under the root joins them
 TABLE_MODES = ("ft", "fst", "ft-sam", "bti", "pam")
-ROWS = (("clean", "clean model"), ("none", "no defense"), *((m, ALL_MODES[m].title) for m in TABLE_MODES))
+BASE_ROWS = (("clean", "clean model"), ("none", "no defense"))
+ROWS = (*BASE_ROWS, *((m, ALL_MODES[m].title) for m in TABLE_MODES))
+
+
+def table_rows(root: Path, dataset: str, model: str, attacks: Sequence[str], pratio: float = 0.1, target: int = 0,
+               modes: Sequence[str] | None = None) -> tuple:
+    """(key, label) of each row: the clean and unpurified models, then `modes`, or by default the
+    paper's TABLE_MODES plus every registered mode with a purification result in one of the
+    attacks' records (EP, ANP, NC, ... after a sweep of the baselines), in the registry's order."""
+    if modes is None:
+        records = [record_path(root, dataset, attack, pratio, target, model) for attack in attacks]
+        ran = {m for m in ALL_MODES if any((defense_folder(rec, m) / RESULT_FILE).is_file() for rec in records)}
+        modes = [m for m in ALL_MODES if m in ran or m in TABLE_MODES]
+    return (*BASE_ROWS, *((m, ALL_MODES[m].title) for m in modes))
 
 
 def _read(path: Path) -> dict | None:
@@ -96,9 +111,10 @@ def cells(root: Path, dataset: str, model: str, attack: str, row: str, pratio: f
     return out
 
 
-def _poison_label(root: Path, dataset: str, model: str, attack: str, pratio: float, target: int, tag: str) -> str:
+def _poison_label(root: Path, dataset: str, model: str, attack: str, pratio: float, target: int, tag: str,
+                  rows: Sequence = ROWS) -> str:
     """'RA n' with the poisoned-sample count of the first result found for this tag, else the tag."""
-    for key, _ in ROWS:
+    for key, _ in rows:
         retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
         if retuned and isinstance(retuned.get("poison_num"), int):
             return f"RA {retuned['poison_num']}"
@@ -115,7 +131,7 @@ def _victim_recipe(folder: Path) -> str | None:
 
 
 def recipe_notes(root: Path, dataset: str, model: str, attack: str, pratio: float, target: int,
-                 tags: Sequence[str]) -> list[str]:
+                 tags: Sequence[str], rows: Sequence = ROWS) -> list[str]:
     """One line per way the rows of an attack's table differ in recipe: the clean model's victim
     against the backdoored one, and the retuning attacks of each tag (their own settings)."""
     notes = []
@@ -128,7 +144,7 @@ def recipe_notes(root: Path, dataset: str, model: str, attack: str, pratio: floa
                                                                  for label, text in found.items()))
     for tag in tags:
         used: dict[str, list[str]] = {}
-        for key, label in ROWS:
+        for key, label in rows:
             retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
             if retuned and isinstance(retuned.get("args"), dict):
                 used.setdefault(recipe_text(recipe_part(retuned["args"], "retune")), []).append(label)
@@ -152,16 +168,17 @@ def check_root(root: Path, dataset: str, model: str, attacks: Sequence[str], pra
 
 
 def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], pratio: float = 0.1, target: int = 0,
-             tags: Sequence[str] = ("",), qra: bool = False) -> str:
-    """One table per attack: rows are the models, columns C-Acc and ASR after purification (O-),
-    after each retuning attack (P-), and optionally the QRA ASRs; then the retuning-set notes and the
-    recipe notes."""
+             tags: Sequence[str] = ("",), qra: bool = False, modes: Sequence[str] | None = None) -> str:
+    """One table per attack: rows are the models (`table_rows`), columns C-Acc and ASR after
+    purification (O-), after each retuning attack (P-), and optionally the QRA ASRs; then the
+    retuning-set notes and the recipe notes."""
     root = Path(root)
+    rows = table_rows(root, dataset, model, attacks, pratio, target, modes)
     lines: list[str] = []
     for attack in attacks:
         head = ["model", "C-Acc", "O-ASR"]
         for tag in tags:
-            label = _poison_label(root, dataset, model, attack, pratio, target, tag)
+            label = _poison_label(root, dataset, model, attack, pratio, target, tag, rows)
             head += [f"C-Acc after {label}", f"P-ASR ({label})"]
         if qra:
             head += ["QRA ASR", "QRA ASR on clean model"]
@@ -169,14 +186,14 @@ def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], prati
             lines.append("")
         lines += [f"**{attack}** ({dataset}/{model}, pratio {pratio})", "", "| " + " | ".join(head) + " |",
                   "|---" + "|---:" * (len(head) - 1) + "|"]
-        for key, label in ROWS:
+        for key, label in rows:
             values = cells(root, dataset, model, attack, key, pratio, target, tags, qra)
             lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     notes = []
     for attack in attacks:
         for tag in tags:
             used: dict[str, list[str]] = {}
-            for key, label in ROWS:
+            for key, label in rows:
                 retuned = _results(root, dataset, model, attack, key, pratio, target, tag)[1]
                 if retuned:
                     used.setdefault(ra_set(retuned), []).append(label)
@@ -185,7 +202,7 @@ def markdown(root: Path, dataset: str, model: str, attacks: Sequence[str], prati
             elif used:
                 notes.append(f"RA sets ({attack}) differ: "
                              + "; ".join(f"{', '.join(rows)}: {text}" for text, rows in used.items()))
-        notes += recipe_notes(root, dataset, model, attack, pratio, target, tags)
+        notes += recipe_notes(root, dataset, model, attack, pratio, target, tags, rows)
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -201,7 +218,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--retune_tags", nargs="+", default=[""],
                    help="retuning results to show, by tag ('' = retune/, p20 = retune_p20/); default ''")
     p.add_argument("--qra", action="store_true", help="add the QRA columns (ASR of poisoned inputs + delta)")
+    p.add_argument("--modes", nargs="+", help="the purification rows, in this order (default: ft fst ft-sam bti pam and "
+                   "every other mode with a result)")
     args = p.parse_args(argv)
+    modes = None
+    if args.modes is not None:
+        modes = [m for part in args.modes for m in part.replace(",", " ").split()]
+        unknown = [m for m in modes if m not in ALL_MODES]
+        if unknown or not modes:
+            raise UserError(f"--modes {short(' '.join(unknown) or '')}: not a purification mode; one of {', '.join(ALL_MODES)}")
     # names become parts of the paths read: plain folder names only, never `..` or a path
     for flag, values, check in (("--dataset", [args.dataset], folder_name), ("--model", [args.model], folder_name),
                                 ("--attacks", args.attacks, folder_name), ("--retune_tags", args.retune_tags, tag)):
@@ -211,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     root = Path(args.record_root)
     check_root(root, args.dataset, args.model, args.attacks, args.pratio, args.attack_target)
     table = markdown(root, args.dataset, args.model, args.attacks, args.pratio, args.attack_target,
-                     args.retune_tags, args.qra)
+                     args.retune_tags, args.qra, modes)
     print(table)
     return table
 
