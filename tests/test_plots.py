@@ -255,3 +255,12 @@ def test_opasr_figure_from_a_record_root(tmp_path, capsys):
 
 def results_rows(root: Path) -> list[dict]:
     return results.collect(root)[0]
+
+
+def test_opasr_colours_stay_distinct_for_the_eleven_defenses_of_the_2024_comparison():
+    names = ["ep", "anp", "i-bau", "nad", "fp", "clp", "nc", "ft-sam", "fst", "bti", "pam"]
+    colours = plots._distinct_colours(names)
+    assert len(set(colours.values())) == len(names)
+    greys = {c for c in colours.values() if max(c) - min(c) < 0.05}
+    assert not greys  # grey and black belong to the clean and the unpurified reference points
+    assert len(set(plots._distinct_colours(names[:4]).values())) == 4

@@ -637,6 +637,19 @@ def _free_label_slot(placed: list[tuple[float, float, float, float]], at: tuple[
     return 0
 
 
+def _distinct_colours(names: Sequence[str]) -> dict[str, Any]:
+    """A colour per name, none of them grey or black (the reference points'): tab10 for up to eight
+    names, else the 18 non-grey colours of tab20, so that the eleven defenses of the 2024 comparison
+    never share one (matplotlib's default cycle repeats after ten)."""
+    import matplotlib
+
+    if len(names) <= 8:
+        palette = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
+    else:
+        palette = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i not in (14, 15)]
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
 def plot_opasr(rows: Iterable[dict[str, Any]], out_dir: str | Path, retune_tag: str = "", **filters) -> list[Path]:
     """One PNG per (dataset, model), `<out_dir>/opasr_<dataset>_<model>[_<retune_tag>].png`, and its JSON
     beside it: a labelled point per defense and attack at (O-ASR, P-ASR) as `opasr_summary` computes them
@@ -655,7 +668,7 @@ def plot_opasr(rows: Iterable[dict[str, Any]], out_dir: str | Path, retune_tag: 
         fig = Figure(figsize=(8.5, 7.5), layout="constrained")
         ax = fig.subplots()
         ax.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=1, label="P-ASR = O-ASR")
-        colours: dict[str, Any] = {}
+        colours = _distinct_colours(list(dict.fromkeys(p["defense"] for p in points if p["role"] == "defense")))
         markers = {a: m for a, m in zip(sorted({p["attack"] for p in points}), "oDvPX*hp<>")}
         placed: list[tuple[float, float, float, float]] = []
         for point in points:
@@ -669,8 +682,6 @@ def plot_opasr(rows: Iterable[dict[str, Any]], out_dir: str | Path, retune_tag: 
             bars = ax.errorbar([point["o_asr"]], [point["p_asr"]], xerr=xerr, yerr=yerr, linestyle="", markersize=7,
                                capsize=3, **style)
             colour = bars.lines[0].get_color()
-            if role == "defense":
-                colours.setdefault(point["defense"], colour)
             text = point["label"] + (f", n={point['n']}" if point["n"] > 1 else "")
             here = (point["o_asr"], point["p_asr"])
             shift = _free_label_slot(placed, here, len(text))
