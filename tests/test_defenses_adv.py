@@ -159,6 +159,52 @@ def test_anp_threshold_zero_prunes_nothing_and_the_selection_rules():
     assert all(torch.equal(v, before[k]) for k, v in pruned_model.state_dict().items())
 
 
+def test_anp_oracle_is_backdoorbenchs_choice_from_the_threshold_sweep():
+    base = {"clean_acc": 0.90, "asr": 0.95}
+    point = lambda t, acc, asr: {"threshold": t, "pruned": int(100 * t), "clean_acc": acc, "asr": asr}  # noqa: E731
+    curve = [point(0.0, 0.90, 0.95), point(0.05, 0.89, 0.50), point(0.1, 0.85, 0.20), point(0.15, 0.70, 0.00),
+             point(0.2, 0.82, 0.20), point(0.25, 0.811, 0.10)]
+    # 0.15 has the lowest ASR but lost 22% of the accuracy; 0.2 ties 0.1 (not strictly lower); 0.25 is within 10%
+    assert anp.oracle_choice(curve, base, 0.1)["threshold"] == 0.25
+    assert anp.oracle_choice(curve, base, 0.05)["threshold"] == 0.05  # 0.1 fell by 5.6%, 0.25 by 9.9%
+    assert anp.oracle_choice(curve, base, 0.5)["threshold"] == 0.15
+    assert anp.oracle_choice(curve[:1], base, 0.1) is None  # no lower ASR: nothing is pruned
+    assert anp.oracle_choice(curve, base, 0.0) is None  # the tolerance is strict, as BackdoorBench's
+    assert anp.SWEEP[0] == 0.0 and anp.SWEEP[-1] == 0.9 and len(anp.SWEEP) == 19
+
+
+def test_anp_curve_prunes_cumulatively_and_oracle_keeps_its_pick():
+    # channel 1 carries the "backdoor" (the fake evaluation's ASR), channel 0 the clean accuracy
+    model = _TwoChannelNet()
+    images, _ = _tiny_data(32)
+    labels = torch.zeros(32, dtype=torch.long)
+    seen = []
+
+    def evaluate(net):
+        w = net.bn.weight.detach()
+        seen.append(w.clone())
+        return {"clean_acc": 0.9 if w[0] != 0 else 0.1, "asr": 1.0 if w[1] != 0 else 0.05, "ra": 0.0}
+
+    tuning = _tuning(images, labels, anp_iterations=10, anp_prune_by="oracle")
+    tuning.evaluate = evaluate
+    pruned_model, rows = anp.anp_algorithm(model, ALL_MODES["anp"], tuning)
+    report = tuning.result["anp"]
+    curve = report["curve"]
+    assert [p["threshold"] for p in curve] == list(anp.SWEEP)
+    assert [p["pruned"] for p in curve] == [len(anp.choose_pruned([("bn", k, m) for k, m in enumerate(report["masks"]["bn"])],
+                                                                    "threshold", t)) for t in anp.SWEEP]
+    assert report["unpruned"]["asr"] == 1.0 and curve[0]["asr"] == 0.05  # the mask of channel 1 is 0: pruned at 0
+    assert report["oracle_threshold"] == 0.0 and report["pruned_channels"] == [["bn", 1, 0.0]]
+    assert pruned_model.bn.weight[1] == 0.0 and pruned_model.bn.weight[0] != 0.0
+    assert rows[-1]["asr"] == 0.05 and rows[-1]["clean_acc"] == 0.9
+    # without oracle and curve: no evaluation beyond the final one
+    seen.clear()
+    tuning = _tuning(images, labels, anp_iterations=2)
+    tuning.evaluate = evaluate
+    anp.anp_algorithm(_TwoChannelNet(), ALL_MODES["anp"], tuning)
+    assert len(seen) == 1 and "curve" not in tuning.result["anp"]
+
+
 class _NoBatchNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -333,6 +379,24 @@ def test_anp_and_ibau_run_end_to_end_through_ft_py(badnet_record, tiny_cifar10, 
     assert any(not torch.equal(v, record["model"][k]) for k, v in net.state_dict().items() if v.is_floating_point())
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"]
+
+
+def test_anp_oracle_through_ft_py_prunes_at_the_threshold_it_reports(badnet_record, tiny_cifar10, tmp_path, capsys):
+    folder = copy_record(badnet_record, tmp_path)
+    finetune.main([*BASE, "--dataset_path", str(tiny_cifar10), "--record_root", str(tmp_path), "--ft_mode", "anp",
+                   "--split_ratio", "0.2", "--batch_size", "30", "--anp_iterations", "2", "--anp_prune_by", "oracle",
+                   "--tag", "oracle"])
+    out_text = capsys.readouterr().out
+    assert "pruning at the oracle threshold (acc ratio 0.1)" in out_text and "[anp] threshold 0.90:" in out_text
+    report = json.loads((folder / "defense" / "anp_oracle" / RESULT_FILE).read_text())["anp"]
+    assert len(report["curve"]) == 19
+    chosen = anp.oracle_choice(report["curve"], report["unpruned"], 0.1)
+    assert report["oracle_threshold"] == (None if chosen is None else chosen["threshold"])
+    # the model written is the one the chosen point measured
+    result = json.loads((folder / "defense" / "anp_oracle" / RESULT_FILE).read_text())
+    final = chosen or report["unpruned"]
+    assert report["pruned"] == (chosen["pruned"] if chosen else 0)
+    assert result["after"]["clean_acc"] == pytest.approx(final["clean_acc"]) and result["after"]["asr"] == pytest.approx(final["asr"])
 
 
 def test_build_model_tags_the_registered_name_outside_the_state_dict():

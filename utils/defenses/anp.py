@@ -15,6 +15,12 @@ Pruning writes into the backdoored model itself (plain architecture, so model.pt
 other): channels whose mask is <= the threshold (official comparison), or the `number` / `fraction`
 lowest masks, get their BN weight set to 0 (officially the weight only: the masks learnt a scale of
 the weight with the shift intact; `anp_prune_bias` also zeroes the shift).
+
+`anp_curve` also reports the model pruned at every threshold of BackdoorBench's sweep (0 to 0.9 by
+0.05, as its pruning_by_threshold.txt), evaluated on the test sets. `anp_prune_by oracle` is
+BackdoorBench's choice from that sweep: the threshold with the lowest ASR among those whose clean
+accuracy fell by less than `anp_acc_ratio` (relative) from the unpruned model's, or no pruning if none
+lowers the ASR. It reads the backdoor test set, which a defender does not have.
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ from utils.config import Option, non_negative, parse_bool, positive, within
 from utils.defenses.purify import Mode, register_mode
 from utils.errors import UserError
 
-PRUNE_BY = ("threshold", "number", "fraction")
+PRUNE_BY = ("threshold", "number", "fraction", "oracle")
+#: the thresholds of BackdoorBench's sweep (pruning_max 0.9, pruning_step 0.05)
+SWEEP = tuple(round(0.05 * k, 2) for k in range(19))
 #: iterations per row of metrics.csv (the official `print_every`)
 BLOCK = 500
 
@@ -48,9 +56,16 @@ ANP_OPTIONS = (
     Option("anp_clip_noise", parse_bool, True, "anp: keep the perturbation within [-eps, eps] after each ascent step (default true, "
            "the paper's bound; false = the official code, where one step from the random start can reach 2 eps)"),
     Option("anp_prune_by", str, "threshold", "anp: prune channels whose mask is <= anp_prune_value (threshold), the "
-           "anp_prune_value lowest (number) or that share of all channels (fraction) (default threshold)", choices=PRUNE_BY),
-    Option("anp_prune_value", float, 0.2, "anp: the threshold, count or share of --anp_prune_by (default 0.2, the paper's threshold)",
-           check=non_negative),
+           "anp_prune_value lowest (number), that share of all channels (fraction), or at BackdoorBench's choice of threshold "
+           "(oracle: of 0, 0.05, ..., 0.9 the one with the lowest ASR on the backdoor test set whose clean accuracy fell by "
+           "less than --anp_acc_ratio; it reads the test sets, which a defender does not have) (default threshold)",
+           choices=PRUNE_BY),
+    Option("anp_prune_value", float, 0.2, "anp: the threshold, count or share of --anp_prune_by (default 0.2, the paper's threshold; "
+           "not used by oracle)", check=non_negative),
+    Option("anp_acc_ratio", float, 0.1, "anp: with --anp_prune_by oracle, the largest relative fall of clean accuracy a "
+           "threshold may cost (default 0.1, BackdoorBench's acc_ratio)", check=within(0, 1)),
+    Option("anp_curve", parse_bool, False, "anp: also evaluate the model pruned at each threshold 0, 0.05, ..., 0.9 on the test "
+           "sets, printed and written to result.json (default false; always on with oracle)"),
     Option("anp_prune_bias", parse_bool, False, "anp: also zero the BN bias of pruned channels (default false: weight only, as officially)"),
 )
 
@@ -111,7 +126,7 @@ def check_prune_value(prune_by: str, value: float, channels: int) -> None:
     if prune_by == "number" and (value != int(value) or value > channels):
         raise UserError(f"--anp_prune_value must be a whole number of channels within [0, {channels}] "
                         f"with --anp_prune_by number, got {value:g}")
-    if prune_by != "number" and value > 1:
+    if prune_by in ("threshold", "fraction") and value > 1:
         raise UserError(f"--anp_prune_value must be within [0, 1] with --anp_prune_by {prune_by}, got {value:g}")
 
 
@@ -123,6 +138,33 @@ def choose_pruned(masks: list[tuple[str, int, float]], prune_by: str, value: flo
     if prune_by == "threshold":
         return [entry for entry in order if entry[2] <= value]
     return order[:int(value if prune_by == "number" else value * len(masks))]
+
+
+def oracle_choice(curve: list[dict], base: dict, acc_ratio: float) -> dict | None:
+    """BackdoorBench's pick from the threshold sweep: walking the thresholds in order, a point replaces
+    the best so far when its clean accuracy is within `acc_ratio` (relative, strict) of the unpruned
+    model's `base` and its ASR is strictly lower than the best's, which starts at the unpruned ASR.
+    None: no threshold qualifies (the unpruned model stays)."""
+    best, best_asr = None, base["asr"]
+    for point in curve:
+        if abs(point["clean_acc"] - base["clean_acc"]) / max(base["clean_acc"], 1e-12) < acc_ratio and point["asr"] < best_asr:
+            best, best_asr = point, point["asr"]
+    return best
+
+
+def pruning_curve(model: nn.Module, entries: list[tuple[str, int, float]], evaluate, zero_bias: bool) -> list[dict]:
+    """The model pruned at each threshold of SWEEP (cumulatively, on a copy), evaluated by `evaluate`."""
+    net, curve = copy.deepcopy(model), []
+    done = 0
+    for threshold in SWEEP:
+        pruned = choose_pruned(entries, "threshold", threshold)
+        prune_channels(net, pruned[done:], zero_bias)
+        done = len(pruned)
+        point = {"threshold": threshold, "pruned": done, **{k: float(v) for k, v in evaluate(net).items()}}
+        print(f"[anp] threshold {threshold:.2f}: {done:4d} channels pruned  C-Acc {point['clean_acc']:.4f}  "
+              f"ASR {point['asr']:.4f}  RA {point['ra']:.4f}")
+        curve.append(point)
+    return curve
 
 
 def prune_channels(model: nn.Module, pruned: list[tuple[str, int, float]], zero_bias: bool) -> None:
@@ -212,7 +254,20 @@ def anp_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, list
     rows: list[dict] = []
     masks = optimise_masks(model, tuning, tuning.option("anp_iterations"), rows)
     entries = [(name, k, float(v)) for name, values in masks.items() for k, v in enumerate(values.cpu().tolist())]
-    pruned = choose_pruned(entries, prune_by, value)
+    report: dict = {}
+    if prune_by == "oracle" or tuning.option("anp_curve"):
+        base = {k: float(v) for k, v in tuning.evaluate(model).items()}
+        print(f"[anp] unpruned: C-Acc {base['clean_acc']:.4f}  ASR {base['asr']:.4f}  RA {base['ra']:.4f}")
+        report["curve"] = pruning_curve(model, entries, tuning.evaluate, tuning.option("anp_prune_bias"))
+        report["unpruned"] = base
+    if prune_by == "oracle":
+        chosen = oracle_choice(report["curve"], report["unpruned"], tuning.option("anp_acc_ratio"))
+        report["oracle_threshold"] = None if chosen is None else chosen["threshold"]
+        print("[anp] oracle: " + ("no threshold lowers the ASR within the accuracy tolerance; nothing pruned" if chosen is None
+                                   else f"threshold {chosen['threshold']:.2f} ({chosen['pruned']} channels)"))
+        pruned = [] if chosen is None else choose_pruned(entries, "threshold", chosen["threshold"])
+    else:
+        pruned = choose_pruned(entries, prune_by, value)
     prune_channels(model, pruned, tuning.option("anp_prune_bias"))
     for p in model.parameters():
         p.requires_grad_(True)
@@ -223,6 +278,7 @@ def anp_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, list
         "prune_by": prune_by, "prune_value": value, "channels": len(entries), "pruned": len(pruned),
         "pruned_channels": [[layer, k, round(m, 6)] for layer, k, m in pruned],
         "masks": {name: [round(float(v), 6) for v in values.cpu()] for name, values in masks.items()},
+        **report,
     }
     return model, rows
 
@@ -230,5 +286,6 @@ def anp_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, list
 register_mode(Mode("anp", "ANP", False, "all", False, "adversarial neuron pruning: BN-channel masks learnt against "
                    "adversarial neuron perturbations, low masks pruned", algorithm=anp_algorithm, options=ANP_OPTIONS,
                    plan=lambda a: (f"{a.anp_iterations} mask iterations (eps {a.anp_eps}), lr {a.lr}, "
-                                   f"then pruning by {a.anp_prune_by} {a.anp_prune_value}; --epochs is not used"),
+                                   + (f"then pruning at the oracle threshold (acc ratio {a.anp_acc_ratio})" if a.anp_prune_by == "oracle"
+                                   else f"then pruning by {a.anp_prune_by} {a.anp_prune_value}") + "; --epochs is not used"),
                    defaults=(("split_ratio", 0.05), ("lr", 0.2), ("batch_size", 256), ("momentum", 0.9))))
