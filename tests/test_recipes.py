@@ -83,3 +83,29 @@ def test_robustness_recipe_runs_the_baselines_with_their_cpu_settings(tmp_path):
         assert f"--ft_mode {mode} --nc_epochs 5 --anp_iterations 300" in by_name[f"badnet-{mode}"]
         assert f"badnet-{mode}-ra5" in by_name and f"badnet-{mode}-ra20" in by_name
     assert not any(name.endswith("-qra") for name in by_name)
+
+
+def test_baseline_checks_recipe_tags_every_check_and_puts_the_long_anp_first(tmp_path):
+    lines = _dry("baseline_checks_fmnist.sh", tmp_path, ANP_OFFICIAL_ATTACKS="badnet", CLP_US="2 1")
+    by_name = {line.split("] ", 1)[1].split(":", 1)[0]: line for line in lines}
+    names = list(by_name)
+    assert names[:3] == ["attack-badnet-0.1", "attack-blended-0.1", "badnet-anp-official"]
+    assert "--anp_curve true --tag official" in by_name["badnet-anp-official"] and "--anp_iterations" not in by_name["badnet-anp-official"]
+    assert "blended-anp-official" not in by_name and names[-1] == "badnet-anp_official-ra5"
+    for attack in ("badnet", "blended"):
+        assert "--anp_iterations 100 --anp_curve true --tag curve" in by_name[f"{attack}-anp-curve"]
+        assert [n for n in names if n.startswith(f"{attack}-clp")] == [f"{attack}-clp-u2", f"{attack}-clp-u1"]
+        assert "--clp_u 1 --tag u1" in by_name[f"{attack}-clp-u1"]
+        assert "--ft_mode i-bau --tag official" in by_name[f"{attack}-i-bau-official"]
+        assert "--defense_type i-bau_official --poison_num 5" in by_name[f"{attack}-i-bau_official-ra5"]
+    # every check writes a folder of its own: none replaces the comparison's untagged results but NAD's (the same run)
+    outputs = [line.split("--tag ")[-1].split()[0] for line in lines if "--tag " in line and "ft.py" in line]
+    assert sorted(outputs) == sorted(["official"] + ["curve", "u2", "u1", "official"] * 2)
+
+
+def test_baseline_checks_recipe_refuses_an_official_attack_it_does_not_train(tmp_path):
+    full = {**os.environ, "RECORD_ROOT": str(tmp_path), "SWEEP_ARGS": "--dry_run", "PYTHON": sys.executable,
+            "ATTACKS": "badnet", "ANP_OFFICIAL_ATTACKS": "blended"}
+    proc = subprocess.run(["bash", "sh/baseline_checks_fmnist.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: ANP_OFFICIAL_ATTACKS: blended is not in ATTACKS"

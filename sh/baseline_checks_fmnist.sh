@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Checks of why most baselines barely purify the Fashion-MNIST victims of the NeurIPS 2024
+# comparison (docs/robustness_fmnist_2024.md, "Why the baselines do not purify"), on the same records
+# as sh/robustness_fmnist.sh (same RECORD_ROOT; a victim not there yet is trained first, with that
+# recipe's settings). Each check writes a tagged result next to the comparison's own, so nothing of
+# the comparison is replaced:
+#
+#   - ANP with the reduced 100 iterations of the comparison, and with BackdoorBench's 2000, each
+#     with the whole threshold sweep (--anp_curve: is there a threshold that removes the backdoor?);
+#   - i-BAU on BackdoorBench's 5% split (the comparison ran on 2%);
+#   - CLP with smaller u than BackdoorBench's 3 (more channels pruned);
+#   - NAD as in the comparison (its result records the teacher's ASR: a backdoored teacher has no
+#     clean attention to distill);
+#   - RA with 5 poisoned samples on the official-setting ANP and i-BAU models.
+#
+#   bash sh/baseline_checks_fmnist.sh                    # both attacks, into record/robustness_fmnist/
+#   ANP_OFFICIAL_ATTACKS=badnet SWEEP_ARGS="--workers 2" bash sh/baseline_checks_fmnist.sh
+#   SWEEP_ARGS=--dry_run bash sh/baseline_checks_fmnist.sh   # list the steps, done or to do
+#
+# ANP_OFFICIAL_ATTACKS: the attacks that get the 2000-iteration ANP (default: all; about 80 min of
+# one CPU thread each). CLP_US: the u values (default "2.5 2 1.5 1"). Finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+ROOT=${RECORD_ROOT:-record/robustness_fmnist}
+DEVICE=${DEVICE:-auto}
+read -r -a ATTACKS <<<"${ATTACKS:-badnet blended}"
+read -r -a ANP_OFFICIAL_ATTACKS <<<"${ANP_OFFICIAL_ATTACKS:-${ATTACKS[*]}}"
+read -r -a CLP_US <<<"${CLP_US:-2.5 2 1.5 1}"
+read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
+PROTO=config/attack/prototype/fmnist.yaml
+COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
+mkdir -p "$ROOT/logs"
+. sh/_jobs.sh
+
+record() { echo "$ROOT/fmnist/$1/pratio_0.1-target_0-archi_smallcnn"; }
+purify() {  # purify <attack> <job name> <output folder under defense/> <ft.py flags...>
+  local attack=$1 name=$2 out=$3 rec; rec=$(record "$1"); shift 3
+  job "$attack-$name" "$rec/defense/$out/result.json" "$rec/attack_result.pt" \
+    "$PYTHON" fine_tune/ft.py "${COMMON[@]}" --attack "$attack" --pratio 0.1 --eval_every 10 "$@"
+}
+retune() {  # retune <attack> <folder under defense/>
+  local rec; rec=$(record "$1")
+  job "$1-$2-ra5" "$rec/defense/$2/retune/result.json" "$rec/defense/$2/model.pt" \
+    "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$1" --pratio 0.1 --defense_type "$2" --poison_num 5
+}
+
+for attack in "${ATTACKS[@]}"; do
+  job "attack-$attack-0.1" "$(record "$attack")/attack_result.pt" - \
+    "$PYTHON" "attack/$attack.py" --yaml_path "$PROTO" --pratio 0.1 --record_root "$ROOT" --device "$DEVICE" \
+    --progress false "${ATTACK_ARGS[@]}"
+done
+# the longest steps first, so that with two workers they overlap the short ones
+for attack in "${ANP_OFFICIAL_ATTACKS[@]}"; do
+  case " ${ATTACKS[*]} " in *" $attack "*) ;; *) echo "error: ANP_OFFICIAL_ATTACKS: $attack is not in ATTACKS" >&2; exit 2;; esac
+  purify "$attack" anp-official anp_official --ft_mode anp --anp_curve true --tag official
+done
+for attack in "${ATTACKS[@]}"; do
+  purify "$attack" anp-curve anp_curve --ft_mode anp --anp_iterations 100 --anp_curve true --tag curve
+  purify "$attack" nad nad --ft_mode nad
+  for u in "${CLP_US[@]}"; do
+    purify "$attack" "clp-u$u" "clp_u$u" --ft_mode clp --clp_u "$u" --tag "u$u"
+  done
+  purify "$attack" i-bau-official i-bau_official --ft_mode i-bau --tag official
+  retune "$attack" i-bau_official
+done
+for attack in "${ANP_OFFICIAL_ATTACKS[@]}"; do
+  retune "$attack" anp_official
+done
+status=0
+run_jobs || status=$?
+exit $status
