@@ -118,3 +118,15 @@ def test_tiny_imagenet_gets_backdoorbenchs_tiny_settings_and_flags_still_win():
     assert finetune.settings_for(settle("tiny", "clp")).extra["clp_u"] == 5.0
     # the FST modes keep the dataset table of the paper
     assert (settle("tiny", "fst").epochs, settle("tiny", "fst").lr_schedule) == (15, None)
+
+
+def test_ignored_settings_are_the_given_ones_a_mode_does_not_read():
+    args = finetune.parse_args([*RECORD, "--epochs", "3", "--lr", "0.1", "--alpha", "0.2", "--lr_schedule", "plateau"])
+    assert finetune.ignored_settings(args, "fst") == []
+    assert finetune.ignored_settings(args, "ft") == ["alpha"]
+    assert finetune.ignored_settings(args, "anp") == ["epochs", "lr_schedule", "alpha"]
+    assert finetune.ignored_settings(args, "clp") == ["epochs", "lr", "lr_schedule", "alpha"]
+    assert finetune.ignored_settings(args, "i-bau") == ["lr_schedule", "alpha"]
+    # nothing given, nothing said; a mode's own defaults are not "given"
+    plain = finetune.parse_args(RECORD)
+    assert all(finetune.ignored_settings(plain, m) == [] for m in ("anp", "clp", "i-bau", "ft", "nad"))

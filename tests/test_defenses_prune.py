@@ -225,7 +225,12 @@ def test_ep_fp_clp_run_end_to_end(badnet_record, tiny_cifar10, tmp_path, capsys)
                              "--ft_mode", "ep,fp,clp", "--epochs", "1", "--split_ratio", "0.2", "--progress", "false",
                              "--fp_once_prune_ratio", "0.25", "--fp_acc_data", "tuning", "--fp_acc_ratio", "1"])
     assert set(results) == {"ep", "fp", "clp"}
-    out_text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out_text = captured.out
+    # clp is data-free: the shared tuning flags given for ep and fp are said to be ignored for it, once each
+    assert [line for line in captured.err.splitlines() if line.startswith("warning:")] == [
+        "warning: --ft_mode clp does not use --split_ratio; it is ignored for this mode",
+        "warning: --ft_mode clp does not use --epochs; it is ignored for this mode"]
     assert "data-free pruning at u = 3.0" in out_text and "1 epochs, lr" in out_text.split("[fp] tuning on")[1]
     record = torch.load(folder / "attack_result.pt", weights_only=True)
     out = {m: folder / "defense" / m for m in results}

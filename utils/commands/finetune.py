@@ -117,6 +117,14 @@ def mode_args(args: argparse.Namespace, mode: str) -> argparse.Namespace:
     return out
 
 
+def ignored_settings(args: argparse.Namespace, mode: str) -> list[str]:
+    """The shared settings given (by flag or YAML) that `mode` does not read: those its algorithm
+    declares in `Mode.ignores`, and the FST feature-shift weight for every mode without that term."""
+    m = ALL_MODES[mode]
+    keys = [k for k in _TUNING_KEYS if k in m.ignores] + ([] if m.feature_shift else ["alpha"])
+    return [k for k in keys if getattr(args, k, None) is not None]
+
+
 def settings_for(args: argparse.Namespace, shared: dict | None = None) -> PurifySettings:
     """PurifySettings from one mode's settled arguments; `shared` is passed on so that the modes of
     one run reuse one pre-trained BTI generator."""
@@ -208,6 +216,8 @@ def _purify_mode(name: str, args, rt, model, before: dict, shared: dict, record:
     tune_idx = tuning_set(exp.clean_train.labels, margs)
     tune_images = exp.clean_train.images[tune_idx].to(rt.device)
     tune_labels = exp.clean_train.labels[tune_idx].to(rt.device)
+    for key in ignored_settings(args, name):
+        print(f"warning: --ft_mode {name} does not use --{key}; it is ignored for this mode", file=sys.stderr, flush=True)
     plan = ALL_MODES[name].plan
     print(f"[{name}] tuning on {len(tune_idx)} clean images ({margs.split_mode}, split_ratio {margs.split_ratio}), "
           + (plan(margs) if plan else f"{margs.epochs} epochs" + (f" x {margs.rounds} rounds" if ALL_MODES[name].unlearn else "")

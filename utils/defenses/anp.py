@@ -288,4 +288,5 @@ register_mode(Mode("anp", "ANP", False, "all", False, "adversarial neuron prunin
                    plan=lambda a: (f"{a.anp_iterations} mask iterations (eps {a.anp_eps}), lr {a.lr}, "
                                    + (f"then pruning at the oracle threshold (acc ratio {a.anp_acc_ratio})" if a.anp_prune_by == "oracle"
                                    else f"then pruning by {a.anp_prune_by} {a.anp_prune_value}") + "; --epochs is not used"),
+                   ignores=("epochs", "wd", "lr_schedule", "lb_smooth"),
                    defaults=(("split_ratio", 0.05), ("lr", 0.2), ("batch_size", 256), ("momentum", 0.9))))

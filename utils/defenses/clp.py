@@ -91,5 +91,6 @@ register_mode(Mode("clp", "CLP", False, "all", False,
                    "channel Lipschitzness pruning (Zheng et al. 2022): data-free, zeroes the BatchNorm scale and shift of "
                    "channels whose Lipschitz upper bound is an outlier of their layer (UCLC > mean + u std); no fine-tuning",
                    algorithm=_clp, options=CLP_OPTIONS, defaults=(("clp_u", 3.0),),
+                   ignores=("split_ratio", "epochs", "lr", "momentum", "batch_size", "wd", "lr_schedule", "lb_smooth"),
                    dataset_defaults=(("tiny", (("clp_u", 5.0),)),),
                    plan=lambda a: f"data-free pruning at u = {a.clp_u}: the tuning set is not used, nor --epochs"))

@@ -210,4 +210,5 @@ def ibau_algorithm(model: nn.Module, mode: Mode, tuning) -> tuple[nn.Module, lis
 
 register_mode(Mode("i-bau", "i-BAU", False, "all", False, "implicit backdoor adversarial unlearning: a universal adversarial "
                    "perturbation, unlearnt through the implicit hypergradient", algorithm=ibau_algorithm, options=IBAU_OPTIONS,
+                   ignores=("momentum", "lr_schedule", "lb_smooth"),
                    defaults=(("split_ratio", 0.05), ("lr", 1e-4), ("batch_size", 256), ("epochs", 5), ("wd", 0.0))))

@@ -68,6 +68,9 @@ class Mode:
     algorithm: Callable | None = None
     #: the algorithm needs the record's poisoned training samples with their true labels (`Tuning.poisoned`)
     needs_poisoned: bool = False
+    #: shared tuning settings (ft.py's split_ratio, epochs, lr, momentum, batch_size, wd, lr_schedule,
+    #: lb_smooth) the algorithm never reads; ft.py warns when one of them is given for the mode
+    ignores: tuple = ()
     #: what a run of the mode does, for ft.py's start line, from the mode's resolved settings; None
     #: means "tuning on N images, E epochs, lr, momentum", right for every mode that runs the loop
     plan: Callable | None = None
