@@ -82,9 +82,14 @@ def test_slot_environment_and_device_placeholder(tmp_path):
     assert out.read_text() == "cuda:0 3 5"
 
 
-def test_local_slots():
+def test_local_slots(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cpu = sweep.local_slots(2, "cpu")
     assert [d for d, _ in cpu] == ["cpu", "cpu"] and cpu[0][1]["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's thread count wins over the share of the cores
+    assert [env["OMP_NUM_THREADS"] for _, env in sweep.local_slots(1, "cpu")] == ["1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: the share again
+    assert sweep.local_slots(1, "cpu")[0][1]["OMP_NUM_THREADS"] == str(max(1, os.cpu_count()))
     gpus = sweep.local_slots(None, "0,3")
     assert gpus == [("cuda:0", {"CUDA_VISIBLE_DEVICES": "0"}), ("cuda:0", {"CUDA_VISIBLE_DEVICES": "3"})]
     with pytest.raises(UserError, match="--devices"):

@@ -222,7 +222,8 @@ def _read_yaml(path) -> dict:
 
 def local_slots(workers: int | None, devices: str = "auto") -> list[tuple[str, dict]]:
     """(device, extra environment) per worker: one per visible GPU when there are GPUs and the
-    device is auto/cuda, else `workers` CPU processes sharing the cores."""
+    device is auto/cuda, else `workers` CPU processes sharing the cores (OMP_NUM_THREADS = cores /
+    workers, unless OMP_NUM_THREADS is set: then each process gets that many)."""
     if devices in ("auto", "cuda"):
         gpus = _gpu_count()
         if gpus:
@@ -233,7 +234,9 @@ def local_slots(workers: int | None, devices: str = "auto") -> list[tuple[str, d
         devices = "cpu"
     if devices == "cpu":
         n = workers or 1
-        threads = max(1, (os.cpu_count() or 1) // n)
+        given = os.environ.get("OMP_NUM_THREADS", "")
+        # the user's OMP_NUM_THREADS wins (e.g. fewer threads beside other work); else the cores are shared
+        threads = int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // n)
         return [("cpu", {"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}) for _ in range(n)]
     ids = [d.strip() for d in devices.split(",") if d.strip()]  # explicit GPU ids, e.g. 0,1,3
     if not all(i.isdigit() for i in ids):
