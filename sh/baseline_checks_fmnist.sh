@@ -27,13 +27,8 @@ DEVICE=${DEVICE:-auto}
 read -r -a ATTACKS <<<"${ATTACKS:-badnet blended}"
 read -r -a ANP_OFFICIAL_ATTACKS <<<"${ANP_OFFICIAL_ATTACKS:-${ATTACKS[*]}}"
 read -r -a CLP_US <<<"${CLP_US:-2.5 2 1.5 1}"
-read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
-PROTO=config/attack/prototype/fmnist.yaml
-COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
-mkdir -p "$ROOT/logs"
 . sh/_jobs.sh
-
-record() { echo "$ROOT/fmnist/$1/pratio_0.1-target_0-archi_smallcnn"; }
+. sh/_victims_fmnist.sh
 purify() {  # purify <attack> <job name> <output folder under defense/> <ft.py flags...>
   local attack=$1 name=$2 out=$3 rec; rec=$(record "$1"); shift 3
   job "$attack-$name" "$rec/defense/$out/result.json" "$rec/attack_result.pt" \
@@ -46,9 +41,7 @@ retune() {  # retune <attack> <folder under defense/>
 }
 
 for attack in "${ATTACKS[@]}"; do
-  job "attack-$attack-0.1" "$(record "$attack")/attack_result.pt" - \
-    "$PYTHON" "attack/$attack.py" --yaml_path "$PROTO" --pratio 0.1 --record_root "$ROOT" --device "$DEVICE" \
-    --progress false "${ATTACK_ARGS[@]}"
+  victim "$attack" 0.1
 done
 # the longest steps first, so that with two workers they overlap the short ones
 for attack in "${ANP_OFFICIAL_ATTACKS[@]}"; do

@@ -38,7 +38,6 @@ QRA=${QRA:-1}
 read -r -a MODES <<<"${MODES:-ft fst ft-sam bti pam}"
 read -r -a ATTACKS <<<"${ATTACKS:-badnet blended}"
 read -r -a POISON_NUMS <<<"${POISON_NUMS:-5 20}"
-read -r -a ATTACK_ARGS <<<"${ATTACK_ARGS:---epochs 15 --train_subset 10000}"
 read -r -a BTI_ARGS <<<"${BTI_ARGS:-}"
 read -r -a QRA_ARGS <<<"${QRA_ARGS:-}"
 read -r -a FT_ARGS <<<"${FT_ARGS:-}"
@@ -49,12 +48,8 @@ mode_args() {  # mode_args <mode>: the words of ARGS_<MODE> into MODE_ARGS
 }
 ANALYSES=${ANALYSES:-1}
 read -r -a QRA_MODES <<<"${QRA_MODES:-${MODES[*]}}"
-PROTO=config/attack/prototype/fmnist.yaml
-COMMON=(--dataset fmnist --model smallcnn --record_root "$ROOT" --device "$DEVICE" --progress false)
-mkdir -p "$ROOT/logs"
 . sh/_jobs.sh
-
-record() { echo "$ROOT/fmnist/$1/pratio_$2-target_0-archi_smallcnn"; }
+. sh/_victims_fmnist.sh
 # RA with n poisoned samples writes retune/ for the first count and retune_p<n>/ for the others
 ra_tag() { [ "$1" = "${POISON_NUMS[0]}" ] && echo "" || echo "p$1"; }
 ra_dir() { local t; t=$(ra_tag "$1"); [ -z "$t" ] && echo retune || echo "retune_$t"; }
@@ -65,12 +60,6 @@ retune() {  # retune <name> <folder holding the model> <model file> <pratio> <de
       "$PYTHON" fine_tune/ft_poison.py "${COMMON[@]}" --attack "$attack" --pratio "$pratio" --defense_type "$defense" \
       --poison_num "$n" --tag "$(ra_tag "$n")"
   done
-}
-victim() {  # victim <attack> <pratio>
-  local rec; rec=$(record "$1" "$2")
-  job "attack-$1-$2" "$rec/attack_result.pt" - \
-    "$PYTHON" "attack/$1.py" --yaml_path "$PROTO" --pratio "$2" --record_root "$ROOT" --device "$DEVICE" \
-    --progress false "${ATTACK_ARGS[@]}"
 }
 
 for attack in "${ATTACKS[@]}"; do
