@@ -9,23 +9,25 @@
 #     with the whole threshold sweep (--anp_curve: is there a threshold that removes the backdoor?);
 #   - i-BAU on BackdoorBench's 5% split (the comparison ran on 2%);
 #   - CLP with smaller u than BackdoorBench's 3 (more channels pruned);
+#   - NC with 10 reversal epochs per class instead of the comparison's 2 (BackdoorBench: 80; with its
+#     patience of 5 epochs, 2 never let the L1 cost move): does it then flag the true target?
 #   - NAD as in the comparison (its result records the teacher's ASR: a backdoored teacher has no
 #     clean attention to distill);
 #   - RA with 5 poisoned samples on the official-setting ANP and i-BAU models.
 #
 #   bash sh/baseline_checks_fmnist.sh                    # both attacks, into record/robustness_fmnist/
-#   ANP_OFFICIAL_ATTACKS=badnet SWEEP_ARGS="--workers 2" bash sh/baseline_checks_fmnist.sh
+#   LONG_ATTACKS=badnet SWEEP_ARGS="--workers 2" bash sh/baseline_checks_fmnist.sh
 #   SWEEP_ARGS=--dry_run bash sh/baseline_checks_fmnist.sh   # list the steps, done or to do
 #
-# ANP_OFFICIAL_ATTACKS: the attacks that get the 2000-iteration ANP (default: all; about 80 min of
-# one CPU thread each). CLP_US: the u values (default "2.5 2 1.5 1"). Finished steps are skipped.
+# LONG_ATTACKS: the attacks that get the long checks, the 2000-iteration ANP (about 80 min of one
+# CPU thread) and the 10-epoch NC (about 20 min) (default: all). CLP_US: the u values (default "2.5 2 1.5 1"). Finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 ROOT=${RECORD_ROOT:-record/robustness_fmnist}
 DEVICE=${DEVICE:-auto}
 read -r -a ATTACKS <<<"${ATTACKS:-badnet blended}"
-read -r -a ANP_OFFICIAL_ATTACKS <<<"${ANP_OFFICIAL_ATTACKS:-${ATTACKS[*]}}"
+read -r -a LONG_ATTACKS <<<"${LONG_ATTACKS:-${ATTACKS[*]}}"
 read -r -a CLP_US <<<"${CLP_US:-2.5 2 1.5 1}"
 . sh/_jobs.sh
 . sh/_victims_fmnist.sh
@@ -44,9 +46,10 @@ for attack in "${ATTACKS[@]}"; do
   victim "$attack" 0.1
 done
 # the longest steps first, so that with two workers they overlap the short ones
-for attack in "${ANP_OFFICIAL_ATTACKS[@]}"; do
-  case " ${ATTACKS[*]} " in *" $attack "*) ;; *) echo "error: ANP_OFFICIAL_ATTACKS: $attack is not in ATTACKS" >&2; exit 2;; esac
+for attack in "${LONG_ATTACKS[@]}"; do
+  case " ${ATTACKS[*]} " in *" $attack "*) ;; *) echo "error: LONG_ATTACKS: $attack is not in ATTACKS" >&2; exit 2;; esac
   purify "$attack" anp-official anp_official --ft_mode anp --anp_curve true --tag official
+  purify "$attack" nc-e10 nc_e10 --ft_mode nc --nc_epochs 10 --epochs 10 --tag e10
 done
 for attack in "${ATTACKS[@]}"; do
   purify "$attack" anp-curve anp_curve --ft_mode anp --anp_iterations 100 --anp_curve true --tag curve
@@ -57,9 +60,13 @@ for attack in "${ATTACKS[@]}"; do
   purify "$attack" i-bau-official i-bau_official --ft_mode i-bau --tag official
   retune "$attack" i-bau_official
 done
-for attack in "${ANP_OFFICIAL_ATTACKS[@]}"; do
+for attack in "${LONG_ATTACKS[@]}"; do
   retune "$attack" anp_official
 done
 status=0
 run_jobs || status=$?
+case " ${SWEEP_ARGS:-} " in *" --dry_run "*) exit $status;; esac  # a dry run leaves nothing to tabulate
+# every check beside the comparison's own result of the same mode
+"$PYTHON" -m utils.results "$ROOT" --dataset fmnist --model smallcnn --pratio 0.1 --attacks "${ATTACKS[@]}" \
+  --modes anp i-bau nad clp nc --tag '*' || status=$?
 exit $status

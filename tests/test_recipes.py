@@ -86,12 +86,13 @@ def test_robustness_recipe_runs_the_baselines_with_their_cpu_settings(tmp_path):
 
 
 def test_baseline_checks_recipe_tags_every_check_and_puts_the_long_anp_first(tmp_path):
-    lines = _dry("baseline_checks_fmnist.sh", tmp_path, ANP_OFFICIAL_ATTACKS="badnet", CLP_US="2 1")
+    lines = _dry("baseline_checks_fmnist.sh", tmp_path, LONG_ATTACKS="badnet", CLP_US="2 1")
     by_name = {line.split("] ", 1)[1].split(":", 1)[0]: line for line in lines}
     names = list(by_name)
-    assert names[:3] == ["attack-badnet-0.1", "attack-blended-0.1", "badnet-anp-official"]
+    assert names[:4] == ["attack-badnet-0.1", "attack-blended-0.1", "badnet-anp-official", "badnet-nc-e10"]
     assert "--anp_curve true --tag official" in by_name["badnet-anp-official"] and "--anp_iterations" not in by_name["badnet-anp-official"]
     assert "blended-anp-official" not in by_name and names[-1] == "badnet-anp_official-ra5"
+    assert "--ft_mode nc --nc_epochs 10 --epochs 10 --tag e10" in by_name["badnet-nc-e10"] and "blended-nc-e10" not in by_name
     for attack in ("badnet", "blended"):
         assert "--anp_iterations 100 --anp_curve true --tag curve" in by_name[f"{attack}-anp-curve"]
         assert [n for n in names if n.startswith(f"{attack}-clp")] == [f"{attack}-clp-u2", f"{attack}-clp-u1"]
@@ -100,12 +101,12 @@ def test_baseline_checks_recipe_tags_every_check_and_puts_the_long_anp_first(tmp
         assert "--defense_type i-bau_official --poison_num 5" in by_name[f"{attack}-i-bau_official-ra5"]
     # every check writes a folder of its own: none replaces the comparison's untagged results but NAD's (the same run)
     outputs = [line.split("--tag ")[-1].split()[0] for line in lines if "--tag " in line and "ft.py" in line]
-    assert sorted(outputs) == sorted(["official"] + ["curve", "u2", "u1", "official"] * 2)
+    assert sorted(outputs) == sorted(["official", "e10"] + ["curve", "u2", "u1", "official"] * 2)
 
 
 def test_baseline_checks_recipe_refuses_an_official_attack_it_does_not_train(tmp_path):
     full = {**os.environ, "RECORD_ROOT": str(tmp_path), "SWEEP_ARGS": "--dry_run", "PYTHON": sys.executable,
-            "ATTACKS": "badnet", "ANP_OFFICIAL_ATTACKS": "blended"}
+            "ATTACKS": "badnet", "LONG_ATTACKS": "blended"}
     proc = subprocess.run(["bash", "sh/baseline_checks_fmnist.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: ANP_OFFICIAL_ATTACKS: blended is not in ATTACKS"
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: LONG_ATTACKS: blended is not in ATTACKS"
