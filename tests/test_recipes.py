@@ -85,23 +85,27 @@ def test_robustness_recipe_runs_the_baselines_with_their_cpu_settings(tmp_path):
     assert not any(name.endswith("-qra") for name in by_name)
 
 
-def test_baseline_checks_recipe_tags_every_check_and_puts_the_long_anp_first(tmp_path):
+def test_baseline_checks_recipe_tags_every_check_and_puts_the_long_ones_first(tmp_path):
     lines = _dry("baseline_checks_fmnist.sh", tmp_path, LONG_ATTACKS="badnet", CLP_US="2 1")
     by_name = {line.split("] ", 1)[1].split(":", 1)[0]: line for line in lines}
     names = list(by_name)
     assert names[:4] == ["attack-badnet-0.1", "attack-blended-0.1", "badnet-anp-official", "badnet-nc-e10"]
     assert "--anp_curve true --tag official" in by_name["badnet-anp-official"] and "--anp_iterations" not in by_name["badnet-anp-official"]
-    assert "blended-anp-official" not in by_name and names[-1] == "badnet-anp_official-ra5"
-    assert "--ft_mode nc --nc_epochs 10 --epochs 10 --tag e10" in by_name["badnet-nc-e10"] and "blended-nc-e10" not in by_name
+    assert "--ft_mode nc --nc_epochs 10 --epochs 10 --tag e10" in by_name["badnet-nc-e10"]
+    assert "--ft_mode i-bau --tag official" in by_name["badnet-i-bau-official"]
+    # the comparison's own reduced runs, untagged, as references on the same victim
+    assert "--ft_mode i-bau --split_ratio 0.02" in by_name["badnet-i-bau"] and "--tag" not in by_name["badnet-i-bau"]
+    assert "--ft_mode nc --nc_epochs 2 --epochs 10" in by_name["badnet-nc"]
+    assert not any(n.startswith("blended-") and n.split("-", 1)[1] in ("anp-official", "nc-e10", "i-bau", "nc")
+                   for n in names)
+    assert names[-2:] == ["badnet-i-bau_official-ra5", "badnet-anp_official-ra5"]
+    assert "--defense_type i-bau_official --poison_num 5" in by_name["badnet-i-bau_official-ra5"]
     for attack in ("badnet", "blended"):
         assert "--anp_iterations 100 --anp_curve true --tag curve" in by_name[f"{attack}-anp-curve"]
-        assert [n for n in names if n.startswith(f"{attack}-clp")] == [f"{attack}-clp-u2", f"{attack}-clp-u1"]
+        assert [n for n in names if n.startswith(f"{attack}-clp")] == [f"{attack}-clp", f"{attack}-clp-u2", f"{attack}-clp-u1"]
         assert "--clp_u 1 --tag u1" in by_name[f"{attack}-clp-u1"]
-        assert "--ft_mode i-bau --tag official" in by_name[f"{attack}-i-bau-official"]
-        assert "--defense_type i-bau_official --poison_num 5" in by_name[f"{attack}-i-bau_official-ra5"]
-    # every check writes a folder of its own: none replaces the comparison's untagged results but NAD's (the same run)
-    outputs = [line.split("--tag ")[-1].split()[0] for line in lines if "--tag " in line and "ft.py" in line]
-    assert sorted(outputs) == sorted(["official", "e10"] + ["curve", "u2", "u1", "official"] * 2)
+    tags = [line.split("--tag ")[-1].split()[0] for line in lines if "--tag " in line and "ft.py" in line]
+    assert sorted(tags) == sorted(["official", "e10", "official"] + ["curve", "u2", "u1"] * 2)
 
 
 def test_baseline_checks_recipe_refuses_an_official_attack_it_does_not_train(tmp_path):
