@@ -155,11 +155,14 @@ def oracle_choice(curve: list[dict], base: dict, acc_ratio: float) -> dict | Non
 def pruning_curve(model: nn.Module, entries: list[tuple[str, int, float]], evaluate, zero_bias: bool) -> list[dict]:
     """The model pruned at each threshold of SWEEP (cumulatively, on a copy), evaluated by `evaluate`."""
     net, curve = copy.deepcopy(model), []
+    order = sorted(entries, key=lambda entry: entry[2])  # as choose_pruned: lowest masks first, ties in module order
     done = 0
     for threshold in SWEEP:
-        pruned = choose_pruned(entries, "threshold", threshold)
-        prune_channels(net, pruned[done:], zero_bias)
-        done = len(pruned)
+        upto = done
+        while upto < len(order) and order[upto][2] <= threshold:
+            upto += 1
+        prune_channels(net, order[done:upto], zero_bias)
+        done = upto
         point = {"threshold": threshold, "pruned": done, **{k: float(v) for k, v in evaluate(net).items()}}
         print(f"[anp] threshold {threshold:.2f}: {done:4d} channels pruned  C-Acc {point['clean_acc']:.4f}  "
               f"ASR {point['asr']:.4f}  RA {point['ra']:.4f}")
